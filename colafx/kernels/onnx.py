@@ -1,0 +1,211 @@
+"""ONNX translations of the colafx inference ops, for ``torch.onnx.export(..., dynamo=True)``.
+
+``torch.onnx.export(model, args, dynamo=True, custom_translation_table=onnx_translation_table())``
+
+* ``colafx::lowrank_act``  → ``MatMul`` (+ ``x · Sigmoid(x)`` for SiLU).
+* ``colafx::quantize_act_int8`` → per-token absmax in primitive ops (same numerics as the op).
+* ``colafx::int8_linear`` (W8A8, default ``act_quant="per_token"``) → the op's own per-token
+  symmetric int8 quantization written in primitive ops (``ReduceMax(Abs)``, ``Floor(x/s + 0.5)``,
+  ``Clip``, ``Cast``) → ``MatMulInteger`` (int8 × int8 → int32) → ``Cast`` → ``Mul(scales)`` (+ bias).
+  It reproduces the torch op's integers exactly. ``act_quant="dynamic"`` uses onnxruntime's
+  ``DynamicQuantizeLinear`` instead (per-tensor asymmetric uint8: fewer, faster nodes, different
+  numerics). W8A16 and per-group W8A8 dequantize the weight in the graph and use ``MatMul``
+  (per-group W8A8 then multiplies the fake-quantized activations: equal up to fp32 rounding).
+* ``colafx::int4_linear`` → ``com.microsoft::MatMulNBits`` (bits 4, zero point 8 = the default,
+  packed uint8 [N, K / block_size, block_size / 2], low nibble first — exactly
+  :func:`colafx.kernels.quant.pack_int4`'s layout, so no zero-point input). The block size is
+  the group size, or for per-channel weights the largest power of two in [16, 128] dividing K
+  with the channel scale repeated per block. ``act_bits=8`` sets ``accuracy_level=4`` (onnxruntime
+  quantizes A to int8 per block: close to, not identical with, the op's per-token W4A8). When the
+  group size is not a power of two ≥ 16, or K has no such divisor, the weight is unpacked
+  (``BitwiseAnd`` / ``BitShift``) and dequantized in the graph instead; the exporter's optimizer
+  may constant-fold that into a float initializer (same numbers, no size saving). The same
+  holds for W8A16 / per-group W8A8.
+
+Inputs may be fp32 / fp16 / bf16; the graph computes in fp32 and casts back to x's type.
+Training-only ops (``lowrank_act_dz``, the ZO ops) have no translation.
+"""
+
+from __future__ import annotations
+
+import onnxscript
+import torch
+from onnxscript import FLOAT, UINT8
+from onnxscript import opset18 as op
+from onnxscript.values import Opset
+
+__all__ = [
+    "lowrank_act_onnx",
+    "quantize_act_int8_onnx",
+    "int8_linear_onnx",
+    "int4_linear_onnx",
+    "onnx_translation_table",
+    "nbits_block_size",
+]
+
+_MSFT = Opset("com.microsoft", 1)
+_FLOAT = 1  # onnx.TensorProto.FLOAT
+_INT8 = 3  # onnx.TensorProto.INT8
+_UINT8 = 2  # onnx.TensorProto.UINT8
+_INT64 = 7  # onnx.TensorProto.INT64
+_QMAX8 = 127.0
+_SCALE_FLOOR = 1e-12
+
+
+@onnxscript.script(_MSFT)
+def _matmul_nbits(A: FLOAT[...], B: UINT8[...], scales: FLOAT[...], K: int, N: int, block_size: int,
+                  accuracy_level: int) -> FLOAT[...]:
+    """com.microsoft::MatMulNBits, 4-bit, default zero point 8 (typed for the custom domain)."""
+    return _MSFT.MatMulNBits(A, B, scales, K=K, N=N, bits=4, block_size=block_size,
+                             accuracy_level=accuracy_level)
+
+
+def _const_ints(values):
+    return op.Constant(value_ints=list(values))
+
+
+def _scalar(value: float):
+    return op.Constant(value_float=float(value))
+
+
+def _per_token_int8(x):
+    """(q int8, scale fp32 [..., 1]) with the op's semantics: floor(x/s + 0.5), s = max(|x|)/127."""
+    absmax = op.ReduceMax(op.Abs(x), _const_ints([-1]), keepdims=1)
+    scale = op.Div(op.Max(absmax, _scalar(_SCALE_FLOOR)), _scalar(_QMAX8))
+    rounded = op.Floor(op.Add(op.Div(x, scale), _scalar(0.5)))
+    q = op.Cast(op.Clip(rounded, _scalar(-_QMAX8), _scalar(_QMAX8)), to=_INT8)
+    return q, scale
+
+
+def _dequantized_weight(q_float, w_scale, n: int, k: int, groups: int):
+    """[N, K] float weight from float codes [N, K] and scales [N, G]."""
+    grouped = op.Reshape(q_float, _const_ints([n, groups, k // groups]))
+    scaled = op.Mul(grouped, op.Unsqueeze(w_scale, _const_ints([-1])))
+    return op.Reshape(scaled, _const_ints([n, k]))
+
+
+def _finish(out, x, bias):
+    """Add the bias (fp32) and cast back to x's element type."""
+    if bias is not None:
+        out = op.Add(out, op.Cast(bias, to=_FLOAT))
+    return op.CastLike(out, x)
+
+
+def lowrank_act_onnx(x, weight, act: str = "silu"):
+    """ONNX for ``colafx::lowrank_act``: ``z = x·Wᵀ``; SiLU as ``z · Sigmoid(z)``."""
+    z = op.MatMul(x, op.Transpose(weight, perm=[1, 0]))
+    return op.Mul(z, op.Sigmoid(z)) if act == "silu" else z
+
+
+def quantize_act_int8_onnx(x, rounding: str = "nearest", seed: int = 0):
+    """ONNX for ``colafx::quantize_act_int8`` (nearest rounding only; raises ValueError otherwise)."""
+    if rounding != "nearest":
+        raise ValueError("only nearest rounding can be exported to ONNX")
+    q, scale = _per_token_int8(op.Cast(x, to=_FLOAT))
+    return q, scale
+
+
+def _int8_w8a8(xf, qweight, w_scale, act_quant: str):
+    """Per-channel W8A8: integer MatMul and fp32 rescale."""
+    w_t = op.Transpose(qweight, perm=[1, 0])
+    w_row = op.Reshape(w_scale, _const_ints([1, -1]))
+    if act_quant == "dynamic":
+        qx, sx, zx = op.DynamicQuantizeLinear(xf)
+        # uint8 x uint8 (weight shifted by 128, zero point 128): onnxruntime's x86 uint8 x int8
+        # kernel accumulates pairs in saturating int16 and loses accuracy on full-range codes.
+        w_u8 = op.Cast(op.Add(op.Cast(w_t, to=_INT64), op.Constant(value_int=128)), to=_UINT8)
+        acc = op.MatMulInteger(qx, w_u8, zx, op.Constant(value=_uint8_tensor(128)))
+    else:
+        qx, sx = _per_token_int8(xf)
+        acc = op.MatMulInteger(qx, w_t)
+    return op.Mul(op.Mul(op.Cast(acc, to=_FLOAT), sx), w_row)
+
+
+def _make_int8_linear_onnx(act_quant: str):
+    def int8_linear_onnx(x, qweight, w_scale, bias=None, act_bits: int = 8):
+        """ONNX for ``colafx::int8_linear`` (see module docstring)."""
+        n, k = qweight.shape
+        groups = w_scale.shape[1]
+        xf = op.Cast(x, to=_FLOAT)
+        if act_bits == 8 and groups == 1:
+            return _finish(_int8_w8a8(xf, qweight, w_scale, act_quant), x, bias)
+        if act_bits == 8:
+            qx, sx = _per_token_int8(xf)
+            xf = op.Mul(op.Cast(qx, to=_FLOAT), sx)
+        w = _dequantized_weight(op.Cast(qweight, to=_FLOAT), w_scale, n, k, groups)
+        return _finish(op.MatMul(xf, op.Transpose(w, perm=[1, 0])), x, bias)
+
+    return int8_linear_onnx
+
+
+int8_linear_onnx = _make_int8_linear_onnx("per_token")
+
+
+def nbits_block_size(k: int, group_size) -> int | None:
+    """MatMulNBits block size for K and ``group_size`` (None: per channel), or None if none fits.
+
+    A group size must itself be a power of two ≥ 16; per channel uses the largest power of two in
+    [16, 128] dividing K.
+    """
+    if group_size is not None:
+        ok = group_size >= 16 and group_size & (group_size - 1) == 0
+        return group_size if ok else None
+    for block in (128, 64, 32, 16):
+        if k % block == 0:
+            return block
+    return None
+
+
+def _unpacked_int4(qweight, n: int, k: int):
+    """Float codes [N, K] (values in [-8, 7]) from packed uint8 [N, K // 2], low nibble first."""
+    low = op.BitwiseAnd(qweight, op.Constant(value=_uint8_tensor(15)))
+    high = op.BitShift(qweight, op.Constant(value=_uint8_tensor(4)), direction="RIGHT")
+    pairs = op.Concat(op.Unsqueeze(low, _const_ints([-1])), op.Unsqueeze(high, _const_ints([-1])), axis=-1)
+    codes = op.Reshape(op.Cast(pairs, to=_FLOAT), _const_ints([n, k]))
+    return op.Sub(codes, _scalar(8.0))
+
+
+def _uint8_tensor(value: int):
+    import onnx
+
+    return onnx.helper.make_tensor("c", onnx.TensorProto.UINT8, [], [value])
+
+
+def int4_linear_onnx(x, qweight, w_scale, bias=None, group_size=None, act_bits: int = 8):
+    """ONNX for ``colafx::int4_linear``: MatMulNBits, or an in-graph dequantization fallback."""
+    n, half_k = qweight.shape
+    k, groups = 2 * half_k, w_scale.shape[1]
+    xf = op.Cast(x, to=_FLOAT)
+    block = nbits_block_size(k, group_size)
+    if block is None:
+        if act_bits == 8:
+            qx, sx = _per_token_int8(xf)
+            xf = op.Mul(op.Cast(qx, to=_FLOAT), sx)
+        w = _dequantized_weight(_unpacked_int4(qweight, n, k), w_scale, n, k, groups)
+        return _finish(op.MatMul(xf, op.Transpose(w, perm=[1, 0])), x, bias)
+    blocks = k // block
+    packed = op.Reshape(qweight, _const_ints([n, blocks, block // 2]))
+    scales = w_scale if groups == blocks else op.Expand(w_scale, _const_ints([n, blocks]))
+    out = _matmul_nbits(xf, packed, op.Reshape(scales, _const_ints([-1])), K=k, N=n,
+                        block_size=block, accuracy_level=4 if act_bits == 8 else 0)
+    return _finish(out, x, bias)
+
+
+def onnx_translation_table(act_quant: str = "per_token") -> dict:
+    """Return ``{torch.ops.colafx.<op>.default: translation}`` for ``torch.onnx.export(dynamo=True)``.
+
+    ``act_quant`` picks the W8A8 activation quantizer: "per_token" (exact op numerics) or
+    "dynamic" (``DynamicQuantizeLinear``, per tensor). Importing :mod:`colafx.kernels` registers
+    the ops. Raises ValueError for an unknown ``act_quant``.
+    """
+    if act_quant not in ("per_token", "dynamic"):
+        raise ValueError(f"act_quant must be 'per_token' or 'dynamic', got {act_quant!r}")
+    from . import lowrank, qmatmul, quant  # noqa: F401  (registers the custom ops)
+
+    ops = torch.ops.colafx
+    return {
+        ops.lowrank_act.default: lowrank_act_onnx,
+        ops.quantize_act_int8.default: quantize_act_int8_onnx,
+        ops.int8_linear.default: _make_int8_linear_onnx(act_quant),
+        ops.int4_linear.default: int4_linear_onnx,
+    }

@@ -1,0 +1,571 @@
+"""Quantized linear layers with fused dequantization: W8A8, W8A16, W4A8, W4A16 (+ optional bias).
+
+``out[m, n] = sx[m] · Σ_g sw[n, g] · Σ_{k in g} qx[m, k] · qw[n, k] + bias[n]``
+
+* Weights come from :func:`colafx.kernels.quant.quantize_weight`: int8 [N, K] or packed int4
+  uint8 [N, K // 2] with an fp32 scale [N, 1] (per channel) or [N, K // group_size] (per group).
+* ``act_bits=8``: x is quantized per token (symmetric absmax int8, nearest) inside the op and the
+  products accumulate exactly in int32. ``act_bits=16``: x stays float (weight-only quantization),
+  the dequantized weight is multiplied in x's dtype with fp32 accumulation.
+* Output dtype = x's dtype.
+
+Dispatch
+--------
+CUDA: Triton kernels (int8 ``tl.dot`` with int32 accumulation, int4 nibbles unpacked in the
+kernel, scales / bias in the epilogue; per-group W·A8 flushes the int32 accumulator into fp32 at
+each group boundary). Triton needs a K-tile that divides the group for per-group W·A8 (a power of
+two ≥ 32 dividing group_size); other group sizes fall back to the PyTorch reference.
+
+CPU: int8×int8→int32 GEMM through one of two exact backends (:func:`set_cpu_int8_backend`):
+``"int_mm"`` = ``torch._int_mm``; ``"onednn"`` = oneDNN's u8s8 ``qlinear_pointwise`` with the
+activation split as ``q = lo + hi``, ``lo, hi ∈ [-64, 64]`` so that AVX2's 16-bit pairwise
+accumulation (``vpmaddubsw``) cannot saturate: one GEMM on the [2M, K] stacked halves, exact.
+``"auto"`` (default) times both once on the first call and keeps the faster one: on AVX2-only
+CPUs without VNNI ``torch._int_mm`` takes a slow reference path (~2 GOP/s here). The oneDNN
+prepacked weight is cached per weight tensor and refreshed when the tensor's version changes
+(e.g. after an in-place ZO update). Int4 on CPU: unpacked to int8 (W4A8) or dequantized (W4A16).
+
+Autograd: the ops differentiate with respect to ``x`` (straight-through the activation
+quantizer: ``grad_x = grad · dequant(W)``) and ``bias``; quantized weights and scales are buffers
+and get no gradient.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .quant import (
+    QMAX,
+    _quantize_rows_triton,
+    check_float,
+    check_group_size,
+    interpreting,
+    quantize_act_int8,
+    unpack_int4,
+    use_triton,
+)
+
+__all__ = [
+    "int8_linear",
+    "int4_linear",
+    "qlinear_ref",
+    "qlinear_triton",
+    "set_cpu_int8_backend",
+    "cpu_int8_backend",
+    "int8_gemm_cpu",
+]
+
+FORCE_TRITON = False
+"""Tests set this to True to route the custom ops through Triton on CPU tensors (interpreter)."""
+
+_CPU_BACKENDS = ("auto", "int_mm", "onednn")
+_cpu_backend = os.environ.get("COLAFX_CPU_INT8_BACKEND", "auto")
+_resolved_backend: Optional[str] = None
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------
+
+
+def _check_linear_inputs(x, qweight, w_scale, bias, act_bits, bits):
+    """Validate a quantized-linear call; return (K, number of groups). Raises TypeError/ValueError."""
+    check_float(x, "x")
+    want = torch.int8 if bits == 8 else torch.uint8
+    if not isinstance(qweight, torch.Tensor) or qweight.dtype != want:
+        got = qweight.dtype if isinstance(qweight, torch.Tensor) else type(qweight).__name__
+        raise TypeError(f"{bits}-bit qweight must be a {want} tensor, got {got}")
+    if qweight.dim() != 2:
+        raise ValueError(f"qweight must be 2-D, got shape {tuple(qweight.shape)}")
+    n = qweight.shape[0]
+    k = qweight.shape[1] * (2 if bits == 4 else 1)
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise ValueError(f"x [..., K] must have K={k} for qweight {tuple(qweight.shape)}, got {tuple(x.shape)}")
+    if not isinstance(w_scale, torch.Tensor) or w_scale.dtype != torch.float32:
+        raise TypeError("w_scale must be a float32 tensor")
+    if w_scale.dim() != 2 or w_scale.shape[0] != n or w_scale.shape[1] == 0 or k % w_scale.shape[1]:
+        raise ValueError(f"w_scale must be [N, G] with N={n} and G dividing K={k}, got {tuple(w_scale.shape)}")
+    if bias is not None:
+        check_float(bias, "bias")
+        if tuple(bias.shape) != (n,):
+            raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+    if act_bits not in (8, 16):
+        raise ValueError(f"act_bits must be 8 or 16, got {act_bits!r}")
+    for name, t in (("qweight", qweight), ("w_scale", w_scale), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device}, x on {x.device}")
+    return k, w_scale.shape[1]
+
+
+# --------------------------------------------------------------------------------------------
+# Reference
+# --------------------------------------------------------------------------------------------
+
+
+def qlinear_ref(x, qweight, w_scale, bias=None, act_bits=8, bits=8):
+    """Pure-PyTorch reference of the quantized linear (fp64 accumulation of the exact products).
+
+    ``qweight`` is int8 [N, K] (bits 8) or packed uint8 [N, K // 2] (bits 4). Activations are
+    quantized per token with :func:`quantize_ref` semantics when ``act_bits=8``. Returns x's dtype.
+    """
+    q = unpack_int4(qweight) if bits == 4 else qweight
+    k, groups = q.shape[1], w_scale.shape[1]
+    x2 = x.reshape(-1, k)
+    if act_bits == 8:
+        qx, sx = quantize_act_int8(x2.float())
+        xs = qx.double() * sx.double()
+    else:
+        xs = x2.double()
+    w = (q.double().reshape(q.shape[0], groups, -1) * w_scale.double()[..., None]).reshape(q.shape)
+    out = xs @ w.t()
+    if bias is not None:
+        out = out + bias.double()
+    return out.to(x.dtype).reshape(*x.shape[:-1], q.shape[0])
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernel
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _weight_tile(w_ptr, offs_n, k0, N, K, stride_wn, W_INT4: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    """int8 tile W[offs_n, k0:k0+BLOCK_K] ([BLOCK_N, BLOCK_K]); int4 nibbles unpacked in-register."""
+    row = offs_n[:, None].to(tl.int64) * stride_wn
+    if W_INT4:
+        offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        mask = (offs_n[:, None] < N) & (offs_b[None, :] < K // 2)
+        packed = tl.load(w_ptr + row + offs_b[None, :], mask=mask, other=0x88)
+        low = (packed & 0xF).to(tl.int8) - 8
+        high = (packed >> 4).to(tl.int8) - 8
+        tile = tl.reshape(tl.join(low, high), (BLOCK_N, BLOCK_K))
+    else:
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+        tile = tl.load(w_ptr + row + offs_k[None, :], mask=mask, other=0)
+    return tile
+
+
+@triton.jit
+def _qlinear_kernel(
+    x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr,
+    M, N, K, GROUPS, GROUP_LEN, M_BUCKET, stride_xm, stride_wn, stride_om,
+    ACT_INT8: tl.constexpr, W_INT4: tl.constexpr, PER_GROUP: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DOT_MODE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """out = dequant(x) · dequant(W)ᵀ (+ bias). DOT_MODE: 0 native float, 1 exact fp32, 2 tf32."""
+    pid = tl.program_id(0)
+    n_tiles_n = tl.cdiv(N, BLOCK_N)
+    pid_m, pid_n = pid // n_tiles_n, pid % n_tiles_n
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok, n_ok = offs_m < M, offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_int = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :],
+                    mask=m_ok[:, None] & (offs_k[None, :] < K), other=0)
+        w = _weight_tile(w_ptr, offs_n, k0, N, K, stride_wn, W_INT4, BLOCK_N, BLOCK_K)
+        if ACT_INT8:
+            part = tl.dot(x, tl.trans(w), out_dtype=tl.int32)
+            if PER_GROUP:  # BLOCK_K divides GROUP_LEN: the whole tile lies in group k0 // GROUP_LEN
+                sw = tl.load(ws_ptr + offs_n * GROUPS + k0 // GROUP_LEN, mask=n_ok, other=0.0)
+                acc += part.to(tl.float32) * sw[None, :]
+            else:
+                acc_int += part
+        else:
+            wf = w.to(tl.float32)
+            if PER_GROUP:
+                sw = tl.load(ws_ptr + offs_n[:, None] * GROUPS + offs_k[None, :] // GROUP_LEN,
+                             mask=n_ok[:, None] & (offs_k[None, :] < K), other=0.0)
+                wf = wf * sw
+            if DOT_MODE == 0:
+                acc += tl.dot(x, tl.trans(wf.to(x.dtype)))
+            elif DOT_MODE == 1:
+                acc += tl.dot(x.to(tl.float32), tl.trans(wf), input_precision="ieee")
+            else:
+                acc += tl.dot(x, tl.trans(wf), input_precision="tf32")
+    if not PER_GROUP:
+        sw = tl.load(ws_ptr + offs_n * GROUPS, mask=n_ok, other=0.0)
+        if ACT_INT8:
+            acc = acc_int.to(tl.float32) * sw[None, :]
+        else:
+            acc = acc * sw[None, :]
+    if ACT_INT8:
+        acc = acc * tl.load(xs_ptr + offs_m, mask=m_ok, other=0.0)[:, None]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def _h100_configs():
+    """Tiles for H100: int8 mma wants BLOCK_K ≥ 32 (64..256 for throughput), small M for decode."""
+    shapes = [  # BLOCK_M, BLOCK_N, BLOCK_K, stages, warps
+        (16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (32, 64, 128, 4, 4), (32, 128, 64, 4, 4),
+        (64, 64, 128, 4, 4), (64, 128, 128, 4, 4), (128, 128, 64, 4, 8), (128, 128, 128, 3, 8),
+        (128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (64, 256, 64, 4, 8), (128, 64, 64, 4, 4),
+        (64, 128, 32, 4, 4), (128, 128, 32, 4, 4),
+    ]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_stages=s, num_warps=w)
+        for bm, bn, bk, s, w in shapes
+    ]
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Keep only tiles whose BLOCK_K divides the group (per-group W·A8 flushes per tile)."""
+    per_group = kwargs.get("PER_GROUP", named_args.get("PER_GROUP"))
+    act_int8 = kwargs.get("ACT_INT8", named_args.get("ACT_INT8"))
+    if not (per_group and act_int8):
+        return configs
+    group = named_args["GROUP_LEN"]
+    return [c for c in configs if group % c.kwargs["BLOCK_K"] == 0]
+
+
+_qlinear_autotuned = triton.autotune(
+    _h100_configs(),
+    key=["M_BUCKET", "N", "K", "GROUP_LEN", "ACT_INT8", "W_INT4", "PER_GROUP"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+)(_qlinear_kernel)
+
+
+def _interpreter_block_k(per_group_a8: bool, group_len: int) -> Optional[int]:
+    """K-tile for interpreter runs: 32, or for per-group W·A8 16/32 if it divides the group (else None)."""
+    if not per_group_a8:
+        return 32
+    for block in (32, 16):
+        if group_len % block == 0:
+            return block
+    return None
+
+
+def _triton_supported(per_group_a8: bool, group_len: int) -> bool:
+    """Return False when per-group W·A8 has no K-tile the kernel may use (then the reference runs)."""
+    if not per_group_a8:
+        return True
+    if interpreting():
+        return _interpreter_block_k(True, group_len) is not None
+    return any(group_len % c.kwargs["BLOCK_K"] == 0 for c in _h100_configs())
+
+
+def qlinear_triton(x, qweight, w_scale, bias=None, act_bits=8, bits=8):
+    """Launch the Triton quantized-linear kernel; same arguments / result as :func:`qlinear_ref`.
+
+    CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``. Raises ValueError if the group
+    length admits no K-tile for per-group W·A8 (see module docstring).
+    """
+    k, groups = _check_linear_inputs(x, qweight, w_scale, bias, act_bits, bits)
+    n, group_len = qweight.shape[0], k // groups
+    per_group, act_int8 = groups > 1, act_bits == 8
+    if not _triton_supported(per_group and act_int8, group_len):
+        raise ValueError(f"no Triton K-tile divides group_size {group_len} for per-group W{bits}A8")
+    x2 = x.reshape(-1, k).contiguous()
+    m = x2.shape[0]
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return out.reshape(*x.shape[:-1], n)
+    if act_int8:
+        xq, xs = _quantize_rows_triton(x2, QMAX[8], False, 0)
+        xs = xs.reshape(-1)
+    else:
+        xq, xs = x2, x2  # xs unused
+    w, ws = qweight.contiguous(), w_scale.contiguous()
+    b = bias.contiguous() if bias is not None else ws
+    args = (xq, xs, w, ws, b, out, m, n, k, groups, group_len,
+            min(triton.next_power_of_2(m), 4096), xq.stride(0), w.stride(0), out.stride(0))
+    flags = dict(ACT_INT8=act_int8, W_INT4=bits == 4, PER_GROUP=per_group,
+                 HAS_BIAS=bias is not None, DOT_MODE=_dot_mode(x))
+    if interpreting() or not x.is_cuda:
+        blocks = {"BLOCK_M": 32, "BLOCK_N": 64,
+                  "BLOCK_K": _interpreter_block_k(per_group and act_int8, group_len)}
+        grid = (triton.cdiv(m, 32) * triton.cdiv(n, 64),)
+        _qlinear_kernel[grid](*args, **flags, **blocks)
+    else:
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+        _qlinear_autotuned[grid](*args, **flags)
+    return out.reshape(*x.shape[:-1], n)
+
+
+def _dot_mode(x: torch.Tensor) -> int:
+    """0: native 16-bit dot; 1: exact fp32 dot (interpreter / fp32 without TF32); 2: TF32."""
+    if x.dtype == torch.float32:
+        tf32 = x.is_cuda and not interpreting() and torch.backends.cuda.matmul.allow_tf32
+        return 2 if tf32 else 1
+    return 1 if interpreting() else 0
+
+
+# --------------------------------------------------------------------------------------------
+# CPU int8 GEMM backends
+# --------------------------------------------------------------------------------------------
+
+
+def _onednn_available() -> bool:
+    """True when this torch build has oneDNN's quantized linear ops (x86 CPU builds do)."""
+    try:
+        torch.ops.onednn.qlinear_prepack
+        torch.ops.onednn.qlinear_pointwise
+    except (AttributeError, RuntimeError):
+        return False
+    return torch.backends.mkldnn.is_available()
+
+
+def set_cpu_int8_backend(name: str) -> None:
+    """Choose the CPU int8 GEMM: "auto" (time both once, keep the faster), "int_mm" or "onednn".
+
+    Both backends give the exact int32 products. Raises ValueError for an unknown name or
+    "onednn" on a build without oneDNN. Also settable with ``COLAFX_CPU_INT8_BACKEND``.
+    """
+    global _cpu_backend, _resolved_backend
+    if name not in _CPU_BACKENDS:
+        raise ValueError(f"backend must be one of {_CPU_BACKENDS}, got {name!r}")
+    if name == "onednn" and not _onednn_available():
+        raise ValueError("this torch build has no oneDNN quantized linear ops")
+    _cpu_backend, _resolved_backend = name, None
+
+
+def cpu_int8_backend() -> str:
+    """Return the CPU int8 GEMM backend in use ("int_mm" or "onednn"), resolving "auto" once."""
+    global _resolved_backend
+    if _resolved_backend is None:
+        if _cpu_backend != "auto":
+            _resolved_backend = _cpu_backend
+        elif not _onednn_available():
+            _resolved_backend = "int_mm"
+        else:
+            _resolved_backend = _time_backends()
+    return _resolved_backend
+
+
+def _time_backends() -> str:
+    """Time one 64x512x512 int8 GEMM per backend (best of 3) and return the faster name."""
+    gen = torch.Generator().manual_seed(0)
+    qx = torch.randint(-127, 128, (64, 512), dtype=torch.int8, generator=gen)
+    qw = torch.randint(-127, 128, (512, 512), dtype=torch.int8, generator=gen)
+    best = {}
+    for name in ("int_mm", "onednn"):
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            _GEMMS[name](qx, qw, None)
+            times.append(time.perf_counter() - start)
+        best[name] = min(times)
+    return min(best, key=best.get)
+
+
+_PACKED = None  # WeakTensorKeyDictionary: weight tensor -> (version, oneDNN prepacked weight)
+
+
+def _tensor_version(t: torch.Tensor) -> Optional[int]:
+    """The in-place version counter of ``t``, or None for inference tensors (no counter)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
+def _onednn_weight(qw: torch.Tensor, cache_key: Optional[torch.Tensor]) -> torch.Tensor:
+    """oneDNN-prepacked ``qw`` (int8 [N, K]); cached per ``cache_key`` tensor and its version."""
+    global _PACKED
+    if cache_key is None:
+        return torch.ops.onednn.qlinear_prepack(qw, None)
+    if _PACKED is None:
+        from torch.utils.weak import WeakTensorKeyDictionary
+
+        _PACKED = WeakTensorKeyDictionary()
+    version = _tensor_version(cache_key)
+    hit = _PACKED.get(cache_key) if version is not None else None
+    if hit is not None and hit[0] == version and hit[1] == qw.shape:
+        return hit[2]
+    packed = torch.ops.onednn.qlinear_prepack(qw, None)
+    if version is not None:
+        _PACKED[cache_key] = (version, qw.shape, packed)
+    return packed
+
+
+def _gemm_int_mm(qx: torch.Tensor, qw: torch.Tensor, cache_key) -> torch.Tensor:
+    """Exact qx·qwᵀ as fp32 via ``torch._int_mm`` (int32 accumulation)."""
+    return torch._int_mm(qx, qw.t()).float()
+
+
+def _gemm_onednn(qx: torch.Tensor, qw: torch.Tensor, cache_key) -> torch.Tensor:
+    """Exact qx·qwᵀ as fp32 via oneDNN u8s8, activation split in two 7-bit halves (no saturation)."""
+    m, n = qx.shape[0], qw.shape[0]
+    wide = qx.to(torch.int16)
+    low = torch.div(wide, 2, rounding_mode="floor")
+    halves = torch.cat((low, wide - low)).add_(64).to(torch.uint8)  # [2M, K] in [0, 128]
+    packed = _onednn_weight(qw, cache_key)
+    ones = torch.ones(n, dtype=torch.float32)
+    zeros = torch.zeros(n, dtype=torch.int64)
+    both = torch.ops.onednn.qlinear_pointwise(
+        halves, 1.0, 64, packed, ones, zeros, None, 1.0, 0, torch.float32, "none", [], ""
+    )
+    return both[:m] + both[m:]
+
+
+_GEMMS = {"int_mm": _gemm_int_mm, "onednn": _gemm_onednn}
+
+
+def int8_gemm_cpu(qx: torch.Tensor, qw: torch.Tensor, backend: Optional[str] = None,
+                  cache_key: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Return ``qx @ qw.T`` (int8 [M, K] × int8 [N, K]) exactly, as fp32 [M, N], on the CPU.
+
+    ``backend`` defaults to :func:`cpu_int8_backend`. ``cache_key`` (a persistent weight tensor)
+    enables caching of the oneDNN prepacked weight. Raises TypeError for non-int8 inputs and
+    ValueError for mismatched K or an unknown backend.
+    """
+    if qx.dtype != torch.int8 or qw.dtype != torch.int8:
+        raise TypeError(f"int8_gemm_cpu needs int8 inputs, got {qx.dtype} and {qw.dtype}")
+    if qx.dim() != 2 or qw.dim() != 2 or qx.shape[1] != qw.shape[1]:
+        raise ValueError(f"shapes {tuple(qx.shape)} and {tuple(qw.shape)} do not fit [M,K]x[N,K]")
+    name = backend or cpu_int8_backend()
+    if name not in _GEMMS:
+        raise ValueError(f"backend must be one of {tuple(_GEMMS)}, got {name!r}")
+    if qx.shape[0] == 0 or qw.shape[0] == 0 or qx.shape[1] == 0:
+        return torch.zeros(qx.shape[0], qw.shape[0])
+    return _GEMMS[name](qx.contiguous(), qw.contiguous(), cache_key)
+
+
+# --------------------------------------------------------------------------------------------
+# CPU path
+# --------------------------------------------------------------------------------------------
+
+
+def _qlinear_cpu(x, qweight, w_scale, bias, act_bits, bits):
+    """CPU fast path: exact int8 GEMM + fp32 epilogue (W·A8), or dequantize + F.linear (W·A16)."""
+    q = unpack_int4(qweight) if bits == 4 else qweight
+    n, k = q.shape
+    groups = w_scale.shape[1]
+    x2 = x.reshape(-1, k)
+    if act_bits == 16:
+        w = (q.float().reshape(n, groups, -1) * w_scale[..., None]).reshape(n, k).to(x.dtype)
+        b = None if bias is None else bias.to(x.dtype)
+        return F.linear(x2, w, b).reshape(*x.shape[:-1], n)
+    qx, sx = quantize_act_int8(x2)
+    if groups == 1:
+        acc = int8_gemm_cpu(qx, q, cache_key=qweight).mul_(w_scale.reshape(1, n))
+    else:
+        acc = _grouped_gemm_cpu(qx, q, w_scale)
+    acc.mul_(sx)
+    if bias is not None:
+        acc.add_(bias.float())
+    return acc.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+def _grouped_gemm_cpu(qx, q, w_scale):
+    """Σ_g sw[:, g] · (qx_g · q_gᵀ): one exact int8 GEMM per group (no weight caching)."""
+    groups = w_scale.shape[1]
+    g = q.shape[1] // groups
+    acc = torch.zeros(qx.shape[0], q.shape[0])
+    for j in range(groups):
+        cols = slice(j * g, (j + 1) * g)
+        acc.add_(int8_gemm_cpu(qx[:, cols], q[:, cols]).mul_(w_scale[:, j]))
+    return acc
+
+
+def _qlinear_impl(x, qweight, w_scale, bias, act_bits, bits):
+    """Shared op body: Triton on CUDA (or forced), CPU fast path otherwise."""
+    if use_triton(x, FORCE_TRITON):
+        groups = w_scale.shape[1]
+        group_len = x.shape[-1] // groups
+        if _triton_supported(groups > 1 and act_bits == 8, group_len):
+            return qlinear_triton(x, qweight, w_scale, bias, act_bits, bits)
+        return qlinear_ref(x, qweight, w_scale, bias, act_bits, bits)
+    return _qlinear_cpu(x, qweight, w_scale, bias, act_bits, bits)
+
+
+def _fake(x, qweight, w_scale, bias, *rest):
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+def _dequantized_weight(qweight, w_scale, bits, dtype):
+    """Float [N, K] weight in ``dtype`` (for the straight-through backward)."""
+    q = unpack_int4(qweight) if bits == 4 else qweight
+    n, k = q.shape
+    groups = w_scale.shape[1]
+    return (q.float().reshape(n, groups, -1) * w_scale[..., None]).reshape(n, k).to(dtype)
+
+
+def _make_backward(bits, n_extra):
+    """Autograd for the quantized linears: grad wrt x (straight-through) and bias only."""
+
+    def setup_context(ctx, inputs, output):
+        x, qweight, w_scale, bias = inputs[:4]
+        ctx.save_for_backward(qweight, w_scale)
+        ctx.x_dtype = x.dtype
+
+    def backward(ctx, grad):
+        qweight, w_scale = ctx.saved_tensors
+        grad_x = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad @ _dequantized_weight(qweight, w_scale, bits, grad.dtype)
+        if ctx.needs_input_grad[3]:
+            grad_b = grad.reshape(-1, grad.shape[-1]).sum(0)
+        return (grad_x, None, None, grad_b) + (None,) * n_extra
+
+    return backward, setup_context
+
+
+# --------------------------------------------------------------------------------------------
+# Custom ops and public functions
+# --------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("colafx::int8_linear", mutates_args=())
+def _int8_linear_op(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
+                    bias: Optional[torch.Tensor], act_bits: int) -> torch.Tensor:
+    return _qlinear_impl(x, qweight, w_scale, bias, act_bits, 8)
+
+
+@torch.library.custom_op("colafx::int4_linear", mutates_args=())
+def _int4_linear_op(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
+                    bias: Optional[torch.Tensor], group_size: Optional[int], act_bits: int) -> torch.Tensor:
+    return _qlinear_impl(x, qweight, w_scale, bias, act_bits, 4)
+
+
+_int8_linear_op.register_fake(_fake)
+_int4_linear_op.register_fake(_fake)
+_bw8, _ctx8 = _make_backward(8, 1)
+_bw4, _ctx4 = _make_backward(4, 2)
+_int8_linear_op.register_autograd(_bw8, setup_context=_ctx8)
+_int4_linear_op.register_autograd(_bw4, setup_context=_ctx4)
+
+
+def int8_linear(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
+                bias: Optional[torch.Tensor] = None, act_bits: int = 8) -> torch.Tensor:
+    """W8A8 (``act_bits=8``) or W8A16 (``act_bits=16``) linear: ``x`` [..., K] -> [..., N].
+
+    ``qweight`` int8 [N, K], ``w_scale`` fp32 [N, 1] or [N, K // group_size], ``bias`` [N] or None.
+    W8A8 quantizes x per token to int8 inside the op and accumulates exactly in int32. Output in
+    x's dtype. Differentiable wrt x (straight-through) and bias. Custom op ``colafx::int8_linear``.
+    Raises TypeError for wrong dtypes, ValueError for shape mismatches or act_bits not in {8, 16}.
+    """
+    _check_linear_inputs(x, qweight, w_scale, bias, act_bits, 8)
+    return torch.ops.colafx.int8_linear(x, qweight, w_scale, bias, act_bits)
+
+
+def int4_linear(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
+                bias: Optional[torch.Tensor] = None, group_size: Optional[int] = None,
+                act_bits: int = 8) -> torch.Tensor:
+    """W4A8 (``act_bits=8``) or W4A16 (``act_bits=16``) linear: ``x`` [..., K] -> [..., N].
+
+    ``qweight`` packed uint8 [N, K // 2] (see :func:`colafx.kernels.quant.pack_int4`),
+    ``w_scale`` fp32 [N, 1] (``group_size=None``) or [N, K // group_size]. Output in x's dtype.
+    Differentiable wrt x (straight-through) and bias. Custom op ``colafx::int4_linear``.
+    Raises TypeError for wrong dtypes, ValueError for shape mismatches, a ``group_size`` that
+    disagrees with ``w_scale``, or act_bits not in {8, 16}.
+    """
+    k, groups = _check_linear_inputs(x, qweight, w_scale, bias, act_bits, 4)
+    if k // check_group_size(k, group_size) != groups:
+        raise ValueError(f"group_size={group_size} does not match w_scale {tuple(w_scale.shape)} for K={k}")
+    return torch.ops.colafx.int4_linear(x, qweight, w_scale, bias, group_size, act_bits)

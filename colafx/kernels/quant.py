@@ -1,0 +1,417 @@
+"""Quantizers: per-token int8 activations, int8 / int4 weights, nearest or stochastic rounding.
+
+Conventions shared by every kernel in :mod:`colafx.kernels`
+-------------------------------------------------------------
+* **Symmetric absmax scaling.** A row (a token, an output channel, or a group of ``group_size``
+  consecutive input columns of an output channel) gets ``scale = max(absmax, 1e-12) / qmax`` in
+  fp32 and ``q = clamp(R(x / scale), -qmax, qmax)``. The code ``-qmax - 1`` (-128 / -8) is never
+  produced.
+* **Rounding** ``R``: ``"nearest"`` is ``floor(v + 0.5)`` (ties round up, the same on every path);
+  ``"stochastic"`` is ``floor(v + U)`` with ``U ~ Uniform[0, 1)``, so ``E[q] = v`` (unbiased) as long
+  as ``|v| <= qmax``, which absmax scaling guarantees.
+* **Random streams are counter based and deterministic for (seed, shape).** Triton kernels (CUDA,
+  or CPU tensors under ``TRITON_INTERPRET=1``) draw Philox numbers ``tl.rand(seed, i)`` /
+  ``tl.randn(seed, i)`` indexed by the flat (row-major) element index ``i``. The CPU fast path
+  draws from ``torch.Generator`` streams, one generator per chunk of :data:`CPU_CHUNK` elements
+  seeded with ``derive_seed(seed, chunk)``. The two streams differ from each other; each is
+  reproducible. :func:`uniform_noise` / :func:`triton_uniform_noise` return them so that the
+  pure-PyTorch references can be fed the exact numbers a kernel used.
+* **int4 packing.** Values in [-8, 7] are stored as ``q + 8`` nibbles, two per ``uint8``, the low
+  nibble holding the even column: ``packed[n, j] = (q[n, 2j] + 8) | (q[n, 2j + 1] + 8) << 4``.
+  This is ONNX ``com.microsoft::MatMulNBits``' layout with its default zero point 8. K must be
+  even (pad the weight yourself if it is not).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = [
+    "QuantizedWeight",
+    "quantize_act_int8",
+    "quantize_weight",
+    "dequantize_weight",
+    "pack_int4",
+    "unpack_int4",
+    "quantize_ref",
+    "dequantize_ref",
+    "uniform_noise",
+    "triton_uniform_noise",
+    "derive_seed",
+    "QMAX",
+]
+
+QMAX = {8: 127, 4: 7}
+"""Largest magnitude a symmetric ``bits``-bit code may take."""
+
+SCALE_FLOOR = 1e-12
+"""``absmax`` is clamped to at least this before dividing by ``qmax`` (all-zero rows -> q = 0)."""
+
+CPU_CHUNK = 1 << 20
+"""Elements per independently seeded CPU generator chunk (bounds the memory of one draw)."""
+
+ROUNDINGS = ("nearest", "stochastic")
+
+_MAX_SEED = (1 << 63) - 1
+_QUANT_BLOCK = 1024
+
+FORCE_TRITON = False
+"""Tests set this to True to run the Triton kernels on CPU tensors (under TRITON_INTERPRET=1)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Small shared helpers (also used by qmatmul.py and zo.py)
+# --------------------------------------------------------------------------------------------
+
+
+def interpreting() -> bool:
+    """Return True when Triton runs in interpreter mode (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def use_triton(t: torch.Tensor, force: bool = False) -> bool:
+    """Return True if kernels for tensor ``t`` should launch Triton (CUDA, or forced)."""
+    return t.is_cuda or force or FORCE_TRITON
+
+
+def check_seed(seed: int, name: str = "seed") -> int:
+    """Return ``seed`` as an int; raise TypeError / ValueError unless it is an int in [0, 2**63)."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"{name} must be an int, got {type(seed).__name__}")
+    if not 0 <= seed <= _MAX_SEED:
+        raise ValueError(f"{name} must be in [0, 2**63), got {seed}")
+    return seed
+
+
+def derive_seed(seed: int, salt: int) -> int:
+    """Return a new seed in [0, 2**31) mixed from ``(seed, salt)`` (SplitMix64 finalizer).
+
+    Used to derive independent random streams (rounding draws, CPU chunks) from one user seed.
+    Raises TypeError / ValueError for a bad ``seed``.
+    """
+    check_seed(seed)
+    mask = (1 << 64) - 1
+    z = (seed * 0x9E3779B97F4A7C15 + (salt + 1) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return (z ^ (z >> 31)) & 0x7FFFFFFF
+
+
+def check_rounding(rounding: str) -> str:
+    """Return ``rounding``; raise ValueError unless it is "nearest" or "stochastic"."""
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    return rounding
+
+
+def check_bits(bits: int) -> int:
+    """Return ``bits``; raise ValueError unless it is 4 or 8."""
+    if bits not in QMAX:
+        raise ValueError(f"bits must be 4 or 8, got {bits!r}")
+    return bits
+
+
+def check_float(t: torch.Tensor, name: str) -> None:
+    """Raise TypeError unless ``t`` is a floating-point tensor."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+
+
+def cpu_stream(kind: str, seed: int, numel: int, start_chunk: int = 0):
+    """Yield ``(start, chunk)`` pieces of the CPU random stream for ``seed`` (fp32 tensors).
+
+    ``kind`` is "uniform" (U[0,1)) or "normal" (N(0,1)). Chunk ``c`` (of :data:`CPU_CHUNK`
+    elements) comes from a ``torch.Generator`` seeded with ``derive_seed(seed, c)``, so any
+    element range can be regenerated without the others. Raises ValueError for a bad ``kind``.
+    """
+    if kind not in ("uniform", "normal"):
+        raise ValueError(f"kind must be 'uniform' or 'normal', got {kind!r}")
+    draw = torch.rand if kind == "uniform" else torch.randn
+    gen = torch.Generator(device="cpu")
+    n_chunks = triton.cdiv(numel, CPU_CHUNK)
+    for c in range(start_chunk, n_chunks):
+        start = c * CPU_CHUNK
+        gen.manual_seed(derive_seed(seed, c))
+        yield start, draw(min(CPU_CHUNK, numel - start), generator=gen, dtype=torch.float32)
+
+
+def uniform_noise(seed: int, numel: int) -> torch.Tensor:
+    """Return the CPU fast path's U[0,1) stream for ``seed`` as a 1-D fp32 tensor of ``numel``."""
+    check_seed(seed)
+    parts = [chunk for _, chunk in cpu_stream("uniform", seed, numel)]
+    return torch.cat(parts) if parts else torch.empty(0)
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _round_to_grid(v, offsets, seed, STOCHASTIC: tl.constexpr):
+    """floor(v + U) with U = tl.rand(seed, offsets) (stochastic) or floor(v + 0.5) (nearest)."""
+    if STOCHASTIC:
+        noise = tl.rand(seed, offsets)
+    else:
+        noise = 0.5
+    return tl.floor(v + noise)
+
+
+@triton.jit
+def _quantize_rows_kernel(
+    x_ptr, q_ptr, scale_ptr, n_cols, qmax, seed,
+    STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One program per row of a contiguous [rows, n_cols] tensor: absmax scale, then quantize."""
+    row = tl.program_id(0).to(tl.int64)
+    row_start = row * n_cols
+    amax = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, n_cols, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        v = tl.load(x_ptr + row_start + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(v))
+    scale = tl.maximum(tl.max(amax, axis=0), 1e-12) / qmax
+    tl.store(scale_ptr + row, scale)
+    for start in range(0, n_cols, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        v = tl.load(x_ptr + row_start + cols, mask=mask, other=0.0).to(tl.float32)
+        q = _round_to_grid(tl.math.div_rn(v, scale), row_start + cols, seed, STOCHASTIC)
+        q = tl.minimum(tl.maximum(q, -qmax), qmax)
+        tl.store(q_ptr + row_start + cols, q.to(tl.int8), mask=mask)
+
+
+@triton.jit
+def _uniform_noise_kernel(out_ptr, numel, seed, BLOCK: tl.constexpr):
+    """out[i] = tl.rand(seed, i): the stream the Triton quantizers use."""
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out_ptr + offsets, tl.rand(seed, offsets), mask=offsets < numel)
+
+
+def triton_uniform_noise(seed: int, numel: int, device="cpu") -> torch.Tensor:
+    """Return the Triton Philox U[0,1) stream ``tl.rand(seed, i)``, i < numel, as fp32 (1-D).
+
+    On a CPU device this needs ``TRITON_INTERPRET=1``. Raises ValueError / TypeError for a bad seed.
+    """
+    check_seed(seed)
+    out = torch.empty(numel, dtype=torch.float32, device=device)
+    if numel:
+        _uniform_noise_kernel[(triton.cdiv(numel, _QUANT_BLOCK),)](out, numel, seed, BLOCK=_QUANT_BLOCK)
+    return out
+
+
+def _quantize_rows_triton(x2d: torch.Tensor, qmax: int, stochastic: bool, seed: int):
+    """Launch the row quantizer on a contiguous 2-D tensor; return (int8 q, fp32 scale [rows, 1])."""
+    rows, n_cols = x2d.shape
+    q = torch.empty(x2d.shape, dtype=torch.int8, device=x2d.device)
+    scale = torch.empty((rows, 1), dtype=torch.float32, device=x2d.device)
+    if rows and n_cols:
+        block = min(_QUANT_BLOCK, triton.next_power_of_2(n_cols))
+        _quantize_rows_kernel[(rows,)](
+            x2d, q, scale, n_cols, float(qmax), seed, STOCHASTIC=stochastic, BLOCK=block
+        )
+    return q, scale
+
+
+# --------------------------------------------------------------------------------------------
+# Pure-PyTorch references (also the CPU fast path, fed with the CPU noise stream)
+# --------------------------------------------------------------------------------------------
+
+
+def quantize_ref(
+    x: torch.Tensor, qmax: int, group_size: Optional[int] = None, noise: Optional[torch.Tensor] = None
+):
+    """Reference absmax quantizer along the last dim; return ``(q int8, scale fp32)``.
+
+    One scale per row of ``x`` ([..., K] -> scale [..., 1]) or, with ``group_size``, per group of
+    columns ([..., K] -> scale [..., K // group_size]). ``noise`` (same numel as ``x``, U[0,1))
+    selects stochastic rounding ``floor(v + noise)``; None means nearest ``floor(v + 0.5)``.
+    Raises ValueError if ``group_size`` does not divide K or ``noise`` has the wrong size.
+    """
+    k = x.shape[-1]
+    g = k if group_size is None else group_size
+    if g <= 0 or k % g:
+        raise ValueError(f"group_size {group_size} must divide the last dim {k}")
+    rows = x.reshape(-1, g).float()
+    scale = rows.abs().amax(dim=-1, keepdim=True).clamp_min(SCALE_FLOOR) / qmax
+    if noise is None:
+        offset = 0.5
+    else:
+        if noise.numel() != x.numel():
+            raise ValueError(f"noise has {noise.numel()} elements, expected {x.numel()}")
+        offset = noise.reshape(rows.shape).float()
+    q = torch.floor(rows / scale + offset).clamp_(-qmax, qmax).to(torch.int8)
+    return q.reshape(x.shape), scale.reshape(*x.shape[:-1], k // g)
+
+
+def dequantize_ref(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Reference dequantization of int codes ``q`` [..., K] with ``scale`` [..., G]: fp32 [..., K]."""
+    k, groups = q.shape[-1], scale.shape[-1]
+    rows = q.reshape(-1, groups, k // groups).float() * scale.reshape(-1, groups, 1).float()
+    return rows.reshape(q.shape)
+
+
+def _quantize_rows(x2d: torch.Tensor, qmax: int, rounding: str, seed: int):
+    """Dispatch the row quantizer: Triton on CUDA (or forced), PyTorch with CPU noise otherwise."""
+    stochastic = rounding == "stochastic"
+    if use_triton(x2d):
+        return _quantize_rows_triton(x2d.contiguous(), qmax, stochastic, seed)
+    noise = uniform_noise(seed, x2d.numel()) if stochastic else None
+    return quantize_ref(x2d, qmax, noise=noise)
+
+
+# --------------------------------------------------------------------------------------------
+# Activation quantizer (custom op)
+# --------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("colafx::quantize_act_int8", mutates_args=())
+def _quantize_act_int8_op(x: torch.Tensor, rounding: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    k = x.shape[-1]
+    q, scale = _quantize_rows(x.reshape(-1, k), QMAX[8], rounding, seed)
+    return q.reshape(x.shape), scale.reshape(*x.shape[:-1], 1)
+
+
+@_quantize_act_int8_op.register_fake
+def _(x, rounding, seed):
+    return (
+        torch.empty(x.shape, dtype=torch.int8, device=x.device),
+        torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device),
+    )
+
+
+def quantize_act_int8(x: torch.Tensor, rounding: str = "nearest", seed: int = 0):
+    """Quantize activations per token: ``x`` [..., K] float -> ``(q int8 [..., K], scale fp32 [..., 1])``.
+
+    Dynamic symmetric absmax int8 (qmax 127) along the last dim; ``x ≈ q * scale``. ``rounding`` is
+    "nearest" or "stochastic" (seeded by ``seed``, see the module docstring).
+    Raises TypeError if ``x`` is not floating point, ValueError for a bad rounding / seed or a 0-d x.
+    """
+    check_float(x, "x")
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension")
+    check_rounding(rounding)
+    check_seed(seed)
+    return torch.ops.colafx.quantize_act_int8(x, rounding, seed)
+
+
+# --------------------------------------------------------------------------------------------
+# Weight quantizer
+# --------------------------------------------------------------------------------------------
+
+
+class QuantizedWeight(NamedTuple):
+    """A quantized [N, K] weight.
+
+    ``qweight``: int8 [N, K] (bits 8) or packed uint8 [N, K // 2] (bits 4, see module docstring).
+    ``scale``: fp32 [N, 1] (per output channel) or [N, K // group_size] (per group).
+    ``shape``: the original ``torch.Size([N, K])``.
+    """
+
+    qweight: torch.Tensor
+    scale: torch.Tensor
+    bits: int
+    group_size: Optional[int]
+    shape: torch.Size
+
+
+def _check_qmax(bits: int, qmax: Optional[int]) -> int:
+    """Return the qmax to use for ``bits``; raise ValueError if ``qmax`` is out of [1, QMAX[bits]]."""
+    if qmax is None:
+        return QMAX[bits]
+    if isinstance(qmax, bool) or not isinstance(qmax, int) or not 1 <= qmax <= QMAX[bits]:
+        raise ValueError(f"qmax must be an int in [1, {QMAX[bits]}] for {bits}-bit, got {qmax!r}")
+    return qmax
+
+
+def check_group_size(k: int, group_size: Optional[int]) -> int:
+    """Return the effective group length (K when ``group_size`` is None).
+
+    Raises TypeError if ``group_size`` is not an int, ValueError if it is not positive or does
+    not divide ``k``.
+    """
+    if group_size is None:
+        return k
+    if isinstance(group_size, bool) or not isinstance(group_size, int):
+        raise TypeError(f"group_size must be an int or None, got {type(group_size).__name__}")
+    if group_size <= 0 or k % group_size:
+        raise ValueError(f"group_size must be a positive divisor of K={k}, got {group_size}")
+    return group_size
+
+
+def quantize_weight(
+    w: torch.Tensor,
+    bits: int = 8,
+    group_size: Optional[int] = None,
+    rounding: str = "nearest",
+    seed: int = 0,
+    qmax: Optional[int] = None,
+) -> QuantizedWeight:
+    """Quantize a [N, K] float weight to int8 or packed int4; return a :class:`QuantizedWeight`.
+
+    Symmetric absmax per output channel (``group_size=None``) or per group of ``group_size``
+    consecutive columns. ``qmax`` (default 127 / 7) lets callers reserve head-room, e.g. the ZO
+    kernels need ``qmax = QMAX - HEADROOM`` (see :mod:`colafx.kernels.zo`). Stochastic rounding is
+    unbiased, deterministic for (seed, shape, device kind).
+    Raises TypeError if ``w`` is not a floating-point tensor; ValueError if it is not 2-D, for bad
+    ``bits`` / ``rounding`` / ``seed`` / ``qmax``, if ``group_size`` does not divide K, or if K is
+    odd for 4 bits.
+    """
+    check_float(w, "w")
+    if w.dim() != 2:
+        raise ValueError(f"w must be 2-D [N, K], got shape {tuple(w.shape)}")
+    check_bits(bits)
+    check_rounding(rounding)
+    check_seed(seed)
+    qmax = _check_qmax(bits, qmax)
+    n, k = w.shape
+    g = check_group_size(k, group_size)
+    if bits == 4 and k % 2:
+        raise ValueError(f"4-bit weights need an even K to pack two per byte, got K={k}")
+    q, scale = _quantize_rows(w.reshape(-1, g), qmax, rounding, seed)
+    q, scale = q.reshape(n, k), scale.reshape(n, k // g)
+    qweight = pack_int4(q) if bits == 4 else q
+    return QuantizedWeight(qweight, scale, bits, group_size, torch.Size((n, k)))
+
+
+def dequantize_weight(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Return the float [N, K] weight (``dtype``, default fp32) that ``qw`` represents.
+
+    Raises ValueError if ``qw.bits`` is not 4 or 8.
+    """
+    check_bits(qw.bits)
+    q = unpack_int4(qw.qweight) if qw.bits == 4 else qw.qweight
+    return dequantize_ref(q, qw.scale).to(dtype)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Pack int4 values ``q`` (int8 [..., K], each in [-8, 7], K even) into uint8 [..., K // 2].
+
+    Low nibble = even column, stored as ``q + 8``. Raises TypeError if ``q`` is not int8, ValueError
+    if K is odd. Values outside [-8, 7] are not checked (they would corrupt the neighbour nibble).
+    """
+    if q.dtype != torch.int8:
+        raise TypeError(f"pack_int4 expects int8 values, got {q.dtype}")
+    if q.shape[-1] % 2:
+        raise ValueError(f"pack_int4 needs an even last dim, got {q.shape[-1]}")
+    biased = (q.to(torch.int16) + 8).to(torch.uint8)
+    return biased[..., 0::2] | (biased[..., 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Unpack uint8 [..., K // 2] nibbles into int8 [..., K] values in [-8, 7] (inverse of pack_int4).
+
+    Raises TypeError if ``packed`` is not uint8.
+    """
+    if packed.dtype != torch.uint8:
+        raise TypeError(f"unpack_int4 expects uint8 packed data, got {packed.dtype}")
+    low = (packed & 0xF).to(torch.int8) - 8
+    high = (packed >> 4).to(torch.int8) - 8
+    return torch.stack((low, high), dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)

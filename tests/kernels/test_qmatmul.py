@@ -1,0 +1,197 @@
+"""Quantized linears: Triton kernel (interpreter) and CPU path against qlinear_ref; SQNR vs fp32.
+
+qlinear_ref accumulates the exact integer products in fp64, so fp32 outputs must agree to
+REL_TOL (1e-5 of max|ref|), 16-bit outputs to one rounding of the output dtype.
+SQNR thresholds (dB, Gaussian x and w, [64, 256] x [128, 256]) were set ~3 dB under the measured
+minimum over 5 seeds (W8A8 40.0, W8A16 43.2, W8g32A8 41.0, W8g32A16 45.4, W4 per-channel 17.9,
+W4g32 20.2).
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from colafx.kernels import qmatmul
+from colafx.kernels.qmatmul import int4_linear, int8_gemm_cpu, int8_linear, qlinear_ref, qlinear_triton
+from colafx.kernels.quant import quantize_weight, unpack_int4
+from colafx.kernels.zo import ZO_QMAX, zo_perturb_int_
+
+from .conftest import REL_TOL, needs_triton, rel_err, sqnr_db
+
+# (bits, K, group_size): K is not a multiple of any K-tile; int4 needs an even K
+WEIGHTS = [(8, 67, None), (8, 96, 32), (4, 66, None), (4, 96, 32)]
+N = 45
+SQNR_MIN = {(8, None, 8): 37, (8, None, 16): 40, (8, 32, 8): 38, (8, 32, 16): 42,
+            (4, None, 8): 15, (4, None, 16): 15, (4, 32, 8): 17, (4, 32, 16): 17}
+
+
+def _case(m, k, bits, group_size, dtype=torch.float32, seed=0, bias=True):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    w = torch.randn(N, k, generator=gen) / k**0.5
+    b = torch.randn(N, generator=gen) if bias else None
+    return x, quantize_weight(w, bits, group_size), b
+
+
+def _linear(x, qw, bias, act_bits):
+    if qw.bits == 8:
+        return int8_linear(x, qw.qweight, qw.scale, bias, act_bits)
+    return int4_linear(x, qw.qweight, qw.scale, bias, qw.group_size, act_bits)
+
+
+def _tol(dtype):
+    return REL_TOL[dtype] if dtype == torch.float32 else 2 * REL_TOL[dtype]
+
+
+@needs_triton
+@pytest.mark.parametrize("act_bits", [8, 16])
+@pytest.mark.parametrize("bits, k, group_size", WEIGHTS)
+@pytest.mark.parametrize(
+    "m, dtype", [(1, torch.float32), (129, torch.float32), (7, torch.bfloat16), (7, torch.float16)]
+)
+def test_triton_kernel_matches_ref(m, dtype, bits, k, group_size, act_bits):
+    x, qw, b = _case(m, k, bits, group_size, dtype)
+    out = qlinear_triton(x, qw.qweight, qw.scale, b, act_bits, bits)
+    ref = qlinear_ref(x, qw.qweight, qw.scale, b, act_bits, bits)
+    assert out.dtype == dtype and out.shape == (m, N)
+    assert rel_err(out, ref) <= _tol(dtype)
+
+
+@pytest.mark.parametrize("act_bits", [8, 16])
+@pytest.mark.parametrize("bits, k, group_size", WEIGHTS)
+@pytest.mark.parametrize(
+    "m, dtype", [(1, torch.float32), (7, torch.float32), (129, torch.float32), (7, torch.bfloat16)]
+)
+def test_cpu_op_matches_ref(m, dtype, bits, k, group_size, act_bits):
+    x, qw, b = _case(m, k, bits, group_size, dtype)
+    out = _linear(x, qw, b, act_bits)
+    ref = qlinear_ref(x, qw.qweight, qw.scale, b, act_bits, bits)
+    assert out.dtype == dtype and out.shape == (m, N)
+    assert rel_err(out, ref) <= _tol(dtype)
+
+
+@needs_triton
+@pytest.mark.parametrize("bits", [8, 4])
+def test_op_routed_through_triton_with_batched_input(force_triton, bits):
+    x, qw, b = _case(10, 96, bits, 32)
+    x3 = x.reshape(2, 5, 96)
+    out = _linear(x3, qw, b, 8)
+    assert out.shape == (2, 5, N)
+    assert rel_err(out, qlinear_ref(x3, qw.qweight, qw.scale, b, 8, bits)) <= REL_TOL[torch.float32]
+
+
+@needs_triton
+def test_group_without_a_k_tile_falls_back_to_ref(force_triton):
+    x, qw, b = _case(3, 18, 8, 6)
+    with pytest.raises(ValueError):
+        qlinear_triton(x, qw.qweight, qw.scale, b, 8, 8)
+    out = _linear(x, qw, b, 8)
+    assert rel_err(out, qlinear_ref(x, qw.qweight, qw.scale, b, 8, 8)) <= REL_TOL[torch.float32]
+
+
+@pytest.mark.parametrize("act_bits", [8, 16])
+@pytest.mark.parametrize("bits, group_size", [(8, None), (8, 32), (4, None), (4, 32)])
+def test_sqnr_against_fp32_linear(bits, group_size, act_bits):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 256, generator=gen)
+    w = torch.randn(128, 256, generator=gen) / 16
+    qw = quantize_weight(w, bits, group_size)
+    out = _linear(x, qw, None, act_bits)
+    assert sqnr_db(out, F.linear(x, w)) > SQNR_MIN[(bits, group_size, act_bits)]
+
+
+@pytest.mark.parametrize("backend", ["int_mm", "onednn"])
+@pytest.mark.parametrize("m, k, n", [(1, 67, 45), (33, 64, 17), (129, 300, 45)])
+def test_cpu_int8_gemm_backends_are_exact_at_the_extremes(backend, m, k, n):
+    """±127 everywhere is where AVX2's 16-bit pair sums would saturate without the split."""
+    if backend == "onednn" and not qmatmul._onednn_available():
+        pytest.skip("no oneDNN in this torch build")
+    gen = torch.Generator().manual_seed(m)
+    qx = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=gen)
+    qw = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen)
+    qx[0] = 127
+    qw[0] = 127
+    qw[-1] = -127
+    if m > 1:
+        qx[1] = -127
+    exact = qx.long() @ qw.long().T
+    got = int8_gemm_cpu(qx, qw, backend=backend)
+    assert got.dtype == torch.float32
+    assert torch.equal(got.double(), exact.double())
+
+
+def test_cached_weight_follows_in_place_updates():
+    """The CPU prepacked-weight cache must notice an in-place (ZO) change of qweight."""
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(5, 64, generator=gen), torch.randn(32, 64, generator=gen)
+    qw = quantize_weight(w, 8, qmax=ZO_QMAX[8])
+    before = int8_linear(x, qw.qweight, qw.scale)
+    zo_perturb_int_(qw.qweight, qw.scale, seed=1, eps=0.05, sign=1, bits=8)
+    after = int8_linear(x, qw.qweight, qw.scale)
+    ref = qlinear_ref(x, qw.qweight, qw.scale)
+    assert not torch.equal(before, after)
+    assert rel_err(after, ref) <= REL_TOL[torch.float32]
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_gradient_wrt_x_is_straight_through(bits):
+    x, qw, b = _case(7, 64, bits, 32)
+    x.requires_grad_()
+    b.requires_grad_()
+    g = torch.randn(7, N)
+    _linear(x, qw, b, 8).backward(g)
+    q = unpack_int4(qw.qweight) if bits == 4 else qw.qweight
+    w_deq = (q.float().reshape(N, 2, 32) * qw.scale[..., None]).reshape(N, 64)
+    torch.testing.assert_close(x.grad, g @ w_deq)
+    torch.testing.assert_close(b.grad, g.sum(0))
+
+
+def test_opcheck():
+    x, qw8, b = _case(6, 32, 8, None)
+    _, qw4, _ = _case(6, 32, 4, 16)
+    x.requires_grad_()
+    b.requires_grad_()
+    for act_bits in (8, 16):
+        torch.library.opcheck(torch.ops.colafx.int8_linear.default, (x, qw8.qweight, qw8.scale, b, act_bits))
+        torch.library.opcheck(torch.ops.colafx.int4_linear.default, (x, qw4.qweight, qw4.scale, None, 16, act_bits))
+
+
+def test_backend_selection():
+    with pytest.raises(ValueError):
+        qmatmul.set_cpu_int8_backend("mkl")
+    old = qmatmul._cpu_backend
+    try:
+        qmatmul.set_cpu_int8_backend("int_mm")
+        assert qmatmul.cpu_int8_backend() == "int_mm"
+        qmatmul.set_cpu_int8_backend("auto")
+        assert qmatmul.cpu_int8_backend() in ("int_mm", "onednn")
+    finally:
+        qmatmul.set_cpu_int8_backend(old)
+
+
+def _bad_calls():
+    x = torch.randn(3, 8)
+    q8 = torch.zeros(4, 8, dtype=torch.int8)
+    q4 = torch.zeros(4, 4, dtype=torch.uint8)
+    s = torch.ones(4, 1)
+    return [
+        (lambda: int8_linear(x, q8.float(), s), TypeError),
+        (lambda: int8_linear(x, q4, s), TypeError),
+        (lambda: int8_linear(x.int(), q8, s), TypeError),
+        (lambda: int8_linear(x, q8, s.double()), TypeError),
+        (lambda: int8_linear(torch.randn(3, 9), q8, s), ValueError),
+        (lambda: int8_linear(x, q8, torch.ones(4, 3)), ValueError),
+        (lambda: int8_linear(x, q8, torch.ones(5, 1)), ValueError),
+        (lambda: int8_linear(x, q8, s, torch.zeros(5)), ValueError),
+        (lambda: int8_linear(x, q8, s, act_bits=4), ValueError),
+        (lambda: int4_linear(x, q8, s), TypeError),
+        (lambda: int4_linear(x, q4, torch.ones(4, 2), group_size=None), ValueError),
+        (lambda: int4_linear(x, q4, torch.ones(4, 2), group_size=3), ValueError),
+        (lambda: int4_linear(torch.randn(3, 7), q4, s), ValueError),
+    ]
+
+
+@pytest.mark.parametrize("index", range(len(_bad_calls())))
+def test_bad_inputs_raise(index):
+    call, error = _bad_calls()[index]
+    with pytest.raises(error):
+        call()
