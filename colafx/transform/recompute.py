@@ -1,0 +1,159 @@
+"""CoLA-M: per-block activation checkpointing that keeps only the rank-r bottleneck outputs.
+
+``enable_recompute(model)`` wraps the forward of every decoder block that holds CoLA modules in
+``torch.utils.checkpoint`` (non-reentrant, so keyword arguments such as Hugging Face's
+``position_embeddings``/``attention_mask`` pass through and the RNG state of dropout is replayed).
+With ``policy="cola-m"`` the checkpoint is selective: the block's CoLA modules run their bottleneck
+as the custom op ``colafx::lowrank_act`` and :func:`colafx.passes.recompute.recompute_policy` keeps
+its outputs (``MUST_SAVE``) while norms, B projections, RoPE, attention and MLP products are
+recomputed in backward. Under ``torch.compile`` the same policy becomes ``node.meta["recompute"]``
+tags. ``policy="full"`` checkpoints whole blocks (only the block input is kept).
+
+Blocks run without checkpointing when autograd is off (``torch.no_grad``, ``generate``). A KV cache
+with content makes a block run without checkpointing (the recompute would write the cache twice);
+an empty cache (what HF models create for a plain training call) is not passed to a recomputed
+block, as with Hugging Face gradient checkpointing.
+"""
+from __future__ import annotations
+
+import functools
+import types
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
+
+from colafx.passes.projections import BLOCK_ROLES
+from colafx.passes.recompute import find_blocks, recompute_policy
+from colafx.transform.modules import CoLALinear
+
+POLICIES = ("cola-m", "full")
+_STATE = "_colafx_recompute"
+_CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past")
+
+
+@dataclass
+class _BlockState:
+    """What enable_recompute changed on one block, so disable_recompute can undo it."""
+
+    policy: str
+    own_forward: object | None  # an instance-level forward that was there before (e.g. accelerate hooks)
+    fused_before: dict[str, bool | None] = field(default_factory=dict)  # CoLA module name -> old .fused
+
+
+def _sac_policy(ctx, func, *args, **kwargs):
+    return recompute_policy(func)
+
+
+def _sac_context():
+    return create_selective_checkpoint_contexts(_sac_policy)
+
+
+def decoder_blocks(model: nn.Module) -> dict[str, nn.Module]:
+    """The decoder blocks of a colaified model: ``{module name: module}``.
+
+    Found from the module paths of the CoLA modules with attention/MLP roles (see
+    :func:`colafx.passes.recompute.find_blocks`): e.g. ``model.layers.0`` ... of an HF Llama.
+
+    Raises:
+        ValueError: if the model has no CoLA modules, or no block module can be identified.
+    """
+    sites = [name for name, m in model.named_modules() if isinstance(m, CoLALinear)]
+    if not sites:
+        raise ValueError(f"{type(model).__name__} has no CoLA modules; call colafx.colaify(model) before "
+                         "enable_recompute (CoLA-M checkpoints the blocks that hold CoLA modules)")
+    in_blocks = [n for n in sites if model.get_submodule(n).role in BLOCK_ROLES] or sites
+    chains = [[".".join(parts[:i]) for i in range(1, len(parts))] for parts in (n.split(".") for n in in_blocks)]
+    names = find_blocks(chains, lambda name: type(model.get_submodule(name)))
+    blocks = {name: model.get_submodule(name) for name in names}
+    bad = [n for n, b in blocks.items() if isinstance(b, (nn.ModuleList, nn.ModuleDict))]
+    if not blocks or bad:
+        raise ValueError(f"cannot identify the decoder blocks of {type(model).__name__} from its CoLA "
+                         f"modules {sites[:4]}...: expected them inside repeated block modules")
+    return blocks
+
+
+def enable_recompute(model: nn.Module, policy: str = "cola-m") -> nn.Module:
+    """Turn on activation checkpointing per decoder block of a colaified model, in place.
+
+    Args:
+        policy: ``"cola-m"`` keeps only the rank-r bottleneck outputs ``σ(A·x)`` (plus the block
+            input) and recomputes the rest; ``"full"`` keeps only the block input. Calling again
+            with another policy replaces the previous one.
+
+    Returns:
+        the same ``model``.
+
+    Raises:
+        ValueError: for an unknown policy, a model without CoLA modules or identifiable blocks, or
+            a model with Hugging Face gradient checkpointing on (CoLA-M replaces it: call
+            ``model.gradient_checkpointing_disable()`` first).
+    """
+    if policy not in POLICIES:
+        raise ValueError(f"unknown recompute policy {policy!r}; choose one of {POLICIES}")
+    blocks = decoder_blocks(model)
+    if any(getattr(b, "gradient_checkpointing", False) for b in blocks.values()):
+        raise ValueError("Hugging Face gradient checkpointing is enabled on this model; CoLA-M replaces it: "
+                         "call model.gradient_checkpointing_disable() before enable_recompute")
+    disable_recompute(model)
+    for block in blocks.values():
+        state = _BlockState(policy, block.__dict__.get("forward"))
+        if policy == "cola-m":
+            for name, m in block.named_modules():
+                if isinstance(m, CoLALinear):
+                    state.fused_before[name] = m.fused
+                    m.fused = True
+        block.__dict__[_STATE] = state
+        block.forward = types.MethodType(_checkpointed_forward, block)
+    return model
+
+
+def disable_recompute(model: nn.Module) -> nn.Module:
+    """Undo :func:`enable_recompute`: restore each block's forward and its CoLA modules' ``fused``
+    flag. A model without recompute is returned unchanged. Returns the same ``model``."""
+    for block in model.modules():
+        state = block.__dict__.pop(_STATE, None)
+        if state is None:
+            continue
+        if state.own_forward is None:
+            del block.forward
+        else:
+            block.forward = state.own_forward
+        for name, fused in state.fused_before.items():
+            block.get_submodule(name).fused = fused
+    return model
+
+
+def recompute_policy_of(model: nn.Module) -> str | None:
+    """The recompute policy enabled on ``model`` (``"cola-m"`` / ``"full"``), or ``None``."""
+    return next((m.__dict__[_STATE].policy for m in model.modules() if _STATE in m.__dict__), None)
+
+
+def _checkpointed_forward(self: nn.Module, *args, **kwargs):
+    state: _BlockState = self.__dict__[_STATE]
+    forward = state.own_forward or functools.partial(type(self).forward, self)
+    if not torch.is_grad_enabled():
+        return forward(*args, **kwargs)
+    if self.training and getattr(self, "gradient_checkpointing", False):
+        raise RuntimeError("Hugging Face gradient checkpointing was enabled after colafx.enable_recompute; "
+                           "use one of them (model.gradient_checkpointing_disable() or colafx.disable_recompute)")
+    for key in _CACHE_KWARGS:
+        cache = kwargs.get(key)
+        if cache is None:
+            continue
+        if _cache_len(cache) != 0:
+            warnings.warn(f"{type(self).__name__} got a filled KV cache with autograd on: running it without "
+                          "recompute (a recompute would write the cache twice)", stacklevel=2)
+            return forward(*args, **kwargs)
+        kwargs[key] = None
+    context_fn = _sac_context if state.policy == "cola-m" else None
+    extra = {"context_fn": context_fn} if context_fn else {}
+    return checkpoint(forward, *args, use_reentrant=False, **extra, **kwargs)
+
+
+def _cache_len(cache) -> int | None:
+    """Tokens held by an HF cache object (``None`` if unknown)."""
+    get = getattr(cache, "get_seq_length", None)
+    return int(get()) if callable(get) else None

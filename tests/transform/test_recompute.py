@@ -1,0 +1,202 @@
+"""CoLA-M in eager mode: same loss and gradients as without recompute, only the bottlenecks kept."""
+import copy
+from collections import Counter
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import colafx
+from colafx import presets
+from colafx.transform.modules import CoLALinear
+from colafx.transform.recompute import decoder_blocks, disable_recompute, enable_recompute, recompute_policy_of
+from tests.llama_plain import PlainLlama
+
+# fp32, relative error per tensor (norm of the difference / norm of the reference). Against the same
+# model without recompute (bottleneck through the same colafx::lowrank_act op) the recompute replays
+# the same kernels. Against default CoLA (nn.Linear + F.silu) the op's backward recomputes the SiLU
+# gradient with its own formula, which rounds differently by about one ulp per element.
+RTOL = 1e-6
+RTOL_VS_UNFUSED = 1e-5
+
+
+def _set_fused(model, fused):
+    for m in model.modules():
+        if isinstance(m, CoLALinear):
+            m.fused = fused
+    return model
+
+
+def _loss_and_grads(model, ids, seed=0):
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)  # same dropout masks for every model
+    out = model(input_ids=ids, labels=ids) if hasattr(model, "config") else model(ids)
+    loss = out.loss if hasattr(out, "loss") else out[0].float().logsumexp(-1).mean() + out[1].pow(2).mean()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_same(ref, got, rtol=RTOL):
+    (loss_ref, g_ref), (loss, g) = ref, got
+    assert torch.isfinite(loss_ref)
+    assert abs(loss.item() - loss_ref.item()) <= rtol * abs(loss_ref.item())
+    assert g.keys() == g_ref.keys() and len(g_ref) > 0
+    for name in g_ref:
+        err = (g[name] - g_ref[name]).norm() / g_ref[name].norm().clamp_min(1e-30)
+        assert err <= rtol, f"{name}: relative gradient error {err:.2e}"
+
+
+@pytest.fixture(scope="module")
+def _cola_tiny_once():
+    model = presets.build("llama-tiny", seed=0)
+    return colafx.colaify(model, rank=16, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture
+def cola_tiny(_cola_tiny_once):
+    """A colaified llama-tiny (a fresh copy per test: colaify's capture runs once per module)."""
+    return copy.deepcopy(_cola_tiny_once)
+
+
+def _ids(vocab, batch=2, seq=32):
+    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("policy", ["cola-m", "full"])
+@pytest.mark.parametrize("train", [True, False])
+def test_hf_gradients_match(cola_tiny, policy, train):
+    cola_tiny.train(train)
+    ids = _ids(cola_tiny.config.vocab_size)
+    plain = _loss_and_grads(cola_tiny, ids)
+    fused = _loss_and_grads(_set_fused(copy.deepcopy(cola_tiny), True), ids)
+    enable_recompute(cola_tiny, policy)
+    got = _loss_and_grads(cola_tiny, ids)
+    _assert_same(fused if policy == "cola-m" else plain, got)
+    _assert_same(plain, got, RTOL_VS_UNFUSED)
+
+
+def test_hf_dropout_rng_replayed(cola_tiny):
+    model = cola_tiny.train()
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.3
+    ids = _ids(model.config.vocab_size)
+    ref = _loss_and_grads(_set_fused(copy.deepcopy(model), True), ids)
+    other_mask = _loss_and_grads(_set_fused(copy.deepcopy(model), True), ids, seed=1)
+    assert abs(other_mask[0] - ref[0]) > 1e-4  # dropout is active: another seed changes the loss
+    _assert_same(ref, _loss_and_grads(enable_recompute(model), ids))
+
+
+@pytest.mark.parametrize("fused_projections", [False, True])
+def test_plain_llama_with_dropout(fused_projections):
+    torch.manual_seed(0)
+    model = PlainLlama(fused=fused_projections, eager_attention=True, dropout=0.2)
+    colafx.colaify(model, rank=8, example_inputs=(torch.zeros(1, 16, dtype=torch.long),))
+    assert list(decoder_blocks(model)) == ["blocks.0", "blocks.1"]
+    ids = _ids(97, seq=16)
+    ref = _loss_and_grads(_set_fused(copy.deepcopy(model), True), ids)
+    _assert_same(ref, _loss_and_grads(enable_recompute(model), ids))
+
+
+class _OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls[func._schema.name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_bottleneck_kept_rest_recomputed(cola_tiny):
+    ids = _ids(cola_tiny.config.vocab_size)
+    sites = sum(isinstance(m, CoLALinear) for m in cola_tiny.modules())
+    layers = cola_tiny.config.num_hidden_layers
+    counts = {}
+    for policy in (None, "cola-m"):
+        if policy:
+            enable_recompute(cola_tiny, policy)
+        with _OpCounter() as counter:
+            _loss_and_grads(cola_tiny, ids)
+        counts[policy] = counter.calls
+    sdpa = "aten::_scaled_dot_product_flash_attention_for_cpu"
+    assert counts[None][sdpa] == layers and counts["cola-m"][sdpa] == 2 * layers  # attention recomputed
+    assert counts["cola-m"]["colafx::lowrank_act"] == sites  # bottleneck saved, never recomputed
+    assert counts["cola-m"]["colafx::lowrank_act_dz"] == sites
+
+
+def _bytes_kept_after_forward(model, ids):
+    """Net bytes allocated by a forward (what stays alive for backward), from profiler events."""
+    model.zero_grad(set_to_none=True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        loss = model(input_ids=ids, labels=ids).loss
+    kept = sum(e.self_cpu_memory_usage for e in prof.events())
+    loss.backward()
+    return kept
+
+
+def test_cola_m_keeps_exactly_the_bottleneck_outputs(cola_tiny):
+    """CoLA-M minus full checkpointing = the 7 rank-r activations of every block, byte for byte."""
+    ids = _ids(cola_tiny.config.vocab_size)
+    kept = {}
+    for policy in ("full", "cola-m"):
+        enable_recompute(cola_tiny, policy)
+        kept[policy] = _bytes_kept_after_forward(cola_tiny, ids)
+    ranks = sum(m.rank for m in cola_tiny.modules() if isinstance(m, CoLALinear))
+    assert kept["cola-m"] - kept["full"] == ranks * ids.numel() * 4
+    disable_recompute(cola_tiny)
+    assert _bytes_kept_after_forward(cola_tiny, ids) > 2 * kept["cola-m"]
+
+
+def test_disable_restores_and_colaify_flag(tiny_model):  # colaify(recompute=True) on a dense model
+    colafx.colaify(tiny_model, rank=16, recompute=True)
+    layer = tiny_model.model.layers[0]
+    assert recompute_policy_of(tiny_model) == "cola-m" and "forward" in vars(layer)
+    assert layer.self_attn.q_proj.fused is True
+    enable_recompute(tiny_model, "full")  # switching policy
+    assert recompute_policy_of(tiny_model) == "full" and layer.self_attn.q_proj.fused is None
+    disable_recompute(tiny_model)
+    assert recompute_policy_of(tiny_model) is None and "forward" not in vars(layer)
+    assert all(m.fused is None for m in tiny_model.modules() if isinstance(m, CoLALinear))
+    clone = copy.deepcopy(enable_recompute(tiny_model))  # the copy's blocks wrap the copy, not the original
+    assert clone.model.layers[0].forward.__self__ is clone.model.layers[0]
+
+
+def test_generate_and_filled_cache(cola_tiny):
+    cola_tiny.eval()
+    ids = _ids(cola_tiny.config.vocab_size, batch=1, seq=8)
+    expected = cola_tiny.generate(ids, max_new_tokens=6, do_sample=False)
+    enable_recompute(cola_tiny)
+    assert torch.equal(cola_tiny.generate(ids, max_new_tokens=6, do_sample=False), expected)
+    with torch.no_grad():
+        cache = cola_tiny(ids, use_cache=True).past_key_values
+    ref = cola_tiny(expected[:, 8:9], past_key_values=copy.deepcopy(cache)).logits
+    with pytest.warns(UserWarning, match="filled KV cache"):
+        got = cola_tiny(expected[:, 8:9], past_key_values=cache).logits  # autograd on: no recompute
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+def test_bad_input(tiny_model, cola_tiny):
+    with pytest.raises(ValueError, match="no CoLA modules"):
+        enable_recompute(tiny_model)  # dense
+    with pytest.raises(ValueError, match="unknown recompute policy"):
+        enable_recompute(cola_tiny, "selective")
+    cola_tiny.gradient_checkpointing_enable()
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        enable_recompute(cola_tiny)
+    cola_tiny.gradient_checkpointing_disable()
+    enable_recompute(cola_tiny)
+    cola_tiny.gradient_checkpointing_enable()
+    ids = _ids(cola_tiny.config.vocab_size)
+    with pytest.raises(RuntimeError, match="gradient checkpointing"):
+        cola_tiny.train()(input_ids=ids, labels=ids)
+
+
+def test_llama_60m_gradients_match():
+    model = presets.build("llama-60m", seed=0)
+    colafx.colaify(model, rank=presets.get("llama-60m").rank, generator=torch.Generator().manual_seed(0))
+    ids = _ids(model.config.vocab_size, batch=1, seq=64)
+    plain = _loss_and_grads(model, ids)
+    fused = _loss_and_grads(_set_fused(copy.deepcopy(model), True), ids)
+    got = _loss_and_grads(enable_recompute(model), ids)
+    _assert_same(fused, got)
+    _assert_same(plain, got, RTOL_VS_UNFUSED)
