@@ -1,0 +1,316 @@
+"""``colafx finetune``: QuZO (integer weights, forward passes only), MeZO (float) or AdamW fine-tuning.
+
+Writes ``metrics.jsonl`` (one row per logged step), ``curve.png`` (dev metric vs step) and a
+resumable ``checkpoint/`` (colafx checkpoint + optimizer state) to ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from colafx.runtime import tasks
+
+METHODS = ("quzo", "mezo", "adamw")
+CHECKPOINT = "checkpoint"
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything one fine-tuning run needs (the CLI flags map 1:1 onto these fields)."""
+
+    model: Optional[str] = None          # "smollm2", a HF folder, a .gguf file or a colafx checkpoint
+    preset: Optional[str] = None         # or a random-init preset (byte tokenizer)
+    task: str = "sst2"                   # "sst2", "classify" (train/dev files + template) or "text"
+    data_dir: Optional[str] = None       # sst2: folder holding train.tsv / dev.tsv (or SST-2/ in it)
+    train_file: Optional[str] = None
+    dev_file: Optional[str] = None
+    template: Optional[str] = None       # "classify": e.g. "{sentence} It was"
+    label_words: Optional[list] = None   # "classify": e.g. [" terrible", " great"]
+    method: str = "quzo"
+    bits: int = 8
+    act_bits: int = 8
+    group_size: Optional[int] = None
+    trainable: str = "all"               # "all", "cola" or "lora"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    steps: int = 100
+    lr: float = 1e-6
+    eps: float = 1e-3
+    weight_decay: float = 0.0
+    n_queries: int = 1
+    same_rounding: bool = False
+    schedule: str = "constant"
+    batch_size: int = 16
+    k_shot: int = 16                     # training examples per class (0: all)
+    n_dev: int = 200
+    seq_len: int = 128                   # "text": block length
+    eval_every: int = 50
+    seed: int = 0
+    out: str = "runs/finetune"
+    resume: bool = False
+    progress: bool = True
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field."""
+        if (self.model is None) == (self.preset is None):
+            raise ValueError("give exactly one of model or preset")
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS}")
+        if self.task not in ("sst2", "classify", "text"):
+            raise ValueError(f"unknown task {self.task!r}; choose sst2, classify or text")
+        if self.bits not in (8, 4):
+            raise ValueError(f"bits must be 8 or 4, got {self.bits}")
+        for name in ("steps", "batch_size", "eval_every"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.task == "classify" and not (self.template and self.label_words and self.train_file):
+            raise ValueError("task 'classify' needs train_file, template and label_words")
+
+
+def _load(config: FinetuneConfig):
+    from colafx import presets
+
+    if config.preset:
+        return presets.build(config.preset, seed=config.seed).eval(), tasks.ByteTokenizer()
+    from colafx.runtime.models import load_model, load_tokenizer
+
+    return load_model(config.model), load_tokenizer(config.model)
+
+
+def _prepare(model, config: FinetuneConfig):
+    """Quantize (QuZO), add LoRA adapters, pick the trainable tensors; returns the optimizer."""
+    from colafx.runtime.zo import QuZO, zo_targets
+
+    if config.method == "quzo":
+        from colafx.transform.quantize import QuantConfig, quantize_
+
+        quantize_(model, QuantConfig(config.bits, config.act_bits, config.group_size, zo_headroom=True))
+    if config.trainable == "lora":
+        from colafx.runtime.lora import add_lora_
+
+        add_lora_(model, config.lora_rank, config.lora_alpha, config.seed)
+    targets = zo_targets(model, config.trainable)
+    if config.method == "adamw":
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in targets:
+            p.requires_grad_(True)
+        return torch.optim.AdamW(targets, lr=config.lr, weight_decay=config.weight_decay)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return QuZO(targets, lr=config.lr, eps=config.eps, weight_decay=config.weight_decay, method=config.method,
+                n_queries=config.n_queries, same_rounding=config.same_rounding, seed=config.seed,
+                schedule=config.schedule, total_steps=config.steps)
+
+
+def _data(config: FinetuneConfig, tokenizer):
+    if config.task == "text":
+        train = tasks.read_text_blocks(config.train_file, tokenizer, config.seq_len)
+        dev = tasks.read_text_blocks(config.dev_file or config.train_file, tokenizer, config.seq_len)[: config.n_dev]
+        return None, train, dev
+    if config.task == "sst2":
+        task = tasks.SST2
+        folder = Path(config.data_dir or ".")
+        if (folder / "SST-2").is_dir():
+            folder = folder / "SST-2"
+        train_file, dev_file = config.train_file or folder / "train.tsv", config.dev_file or folder / "dev.tsv"
+    else:
+        task = tasks.PromptTask(config.template, tuple(config.label_words))
+        train_file, dev_file = config.train_file, config.dev_file or config.train_file
+    train = tasks.sample_per_class(tasks.read_examples(train_file, task), config.k_shot, config.seed)
+    dev = tasks.sample_per_class(tasks.read_examples(dev_file, task), 0, config.seed + 1)[: config.n_dev]
+    return task, train, dev
+
+
+def _batch(train, config: FinetuneConfig, step: int):
+    rng = random.Random(config.seed * 1_000_003 + step)
+    idx = [rng.randrange(len(train)) for _ in range(config.batch_size)]
+    return train[torch.tensor(idx)] if isinstance(train, torch.Tensor) else [train[i] for i in idx]
+
+
+def _loss(model, tokenizer, task, batch) -> torch.Tensor:
+    if task is None:
+        return tasks.text_loss(model, batch)
+    return tasks.label_loss(model, tokenizer, task, batch)
+
+
+@torch.no_grad()
+def _evaluate(model, tokenizer, task, dev) -> dict:
+    if task is None:
+        model.eval()
+        losses = [float(tasks.text_loss(model, dev[i: i + 8])) for i in range(0, len(dev), 8)]
+        return {"dev_loss": sum(losses) / len(losses)}
+    return {"dev_acc": tasks.accuracy(model, tokenizer, task, dev)}
+
+
+def plot_curve(rows: list[dict], path: Path, title: str) -> None:
+    """Dev metric against step as a PNG (atomic write)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from colafx.transform.io import atomic_write_bytes
+
+    key = "dev_acc" if any("dev_acc" in r for r in rows) else "dev_loss"
+    points = [(r["step"], r[key]) for r in rows if key in r]
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot(*zip(*points), marker="o")
+    ax.set_xlabel("step")
+    ax.set_ylabel(key)
+    ax.set_title(title)
+    fig.tight_layout()
+    atomic_write_bytes(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
+
+def _save_checkpoint(model, optimizer, out: Path, step: int, config: FinetuneConfig) -> None:
+    import colafx
+    from colafx.transform.io import atomic_write_bytes
+
+    folder = out / CHECKPOINT
+    meta = {"step": step, "config": dataclasses.asdict(config)}
+    if isinstance(optimizer, torch.optim.Optimizer):
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(folder / "optimizer.pt", lambda tmp: torch.save(optimizer.state_dict(), tmp))
+    else:
+        meta["zo_state"] = optimizer.state_dict()
+    colafx.save(model, folder, metadata=meta)
+
+
+def _resume(model, optimizer, out: Path) -> int:
+    """Load the checkpoint's weights and optimizer state into the prepared model; return its step."""
+    from colafx.transform.io import load, read_record
+
+    import colafx.runtime.lora  # noqa: F401  (registers the "lora" record)
+
+    folder = out / CHECKPOINT
+    meta = read_record(folder).get("metadata", {})
+    loaded = load(folder)
+    model.load_state_dict(loaded.state_dict())
+    if isinstance(optimizer, torch.optim.Optimizer):
+        optimizer.load_state_dict(torch.load(folder / "optimizer.pt"))
+    else:
+        optimizer.load_state_dict(meta["zo_state"])
+    return int(meta["step"])
+
+
+def finetune(config: FinetuneConfig) -> dict:
+    """Run fine-tuning as ``config`` says; returns ``{"history": rows, "final": last eval row}``.
+
+    Raises:
+        ValueError: bad configuration, wrong data files or labels.
+        FileNotFoundError: missing model or data file.
+        FloatingPointError: the loss became NaN / infinite (lower lr or eps).
+    """
+    from tqdm.auto import tqdm
+
+    config.validate()
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = _load(config)
+    optimizer = _prepare(model, config)
+    task, train, dev = _data(config, tokenizer)
+    start = 0
+    if config.resume and (out / CHECKPOINT).is_dir():
+        start = _resume(model, optimizer, out)
+    metrics_path = out / "metrics.jsonl"
+    history = [json.loads(line) for line in metrics_path.read_text().splitlines()] if start else []
+    history = [r for r in history if r["step"] <= start]
+
+    def log(row: dict) -> None:
+        history.append(row)
+        from colafx.transform.io import atomic_write_bytes
+
+        text = "".join(json.dumps(r) + "\n" for r in history)
+        atomic_write_bytes(metrics_path, lambda tmp: Path(tmp).write_text(text))
+
+    if start == 0:
+        log({"step": 0, **_evaluate(model, tokenizer, task, dev)})
+    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, disable=not config.progress,
+               desc=f"{config.method}{'' if config.method != 'quzo' else f'-int{config.bits}'}")
+    t0 = time.perf_counter()
+    for step in bar:
+        batch = _batch(train, config, step)
+        if isinstance(optimizer, torch.optim.Optimizer):
+            model.train()
+            loss = _loss(model, tokenizer, task, batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"step {step}: loss is {float(loss)}; lower the LR")
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss = float(loss)
+        else:
+            model.eval()
+            loss = optimizer.step(lambda: _loss(model, tokenizer, task, batch))
+        bar.set_postfix(loss=f"{loss:.4f}")
+        row = {"step": step + 1, "loss": loss, "time_s": time.perf_counter() - t0}
+        if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
+            row.update(_evaluate(model, tokenizer, task, dev))
+            bar.write(f"step {step + 1}: " + ", ".join(f"{k}={v:.4f}" for k, v in row.items() if k != "step"))
+            _save_checkpoint(model, optimizer, out, step + 1, config)
+        log(row)
+    plot_curve(history, out / "curve.png", f"{config.model or config.preset}: {config.method}")
+    final = next(r for r in reversed(history) if "dev_acc" in r or "dev_loss" in r)
+    return {"history": history, "final": final, "model": model}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``colafx finetune`` (one per :class:`FinetuneConfig` field)."""
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="model to fine-tune: 'smollm2', a HF folder, a .gguf file or a colafx checkpoint")
+    src.add_argument("--preset", help="a random-init preset (e.g. llama-tiny) with a byte tokenizer")
+    parser.add_argument("--task", default="sst2", choices=["sst2", "classify", "text"],
+                        help="sst2 prompts, any TSV/JSONL classification (--template/--label-words), or causal-LM text")
+    parser.add_argument("--data-dir", help="sst2: folder with train.tsv/dev.tsv (or an SST-2/ sub-folder)")
+    parser.add_argument("--train-file", help="training TSV/JSONL (classify) or .txt (text)")
+    parser.add_argument("--dev-file", help="dev TSV/JSONL/.txt (default: the training file)")
+    parser.add_argument("--template", help="classify: prompt template with {field} names, e.g. '{sentence} It was'")
+    parser.add_argument("--label-words", nargs="+", help="classify: one word per label index, e.g. ' bad' ' good'")
+    parser.add_argument("--method", default="quzo", choices=METHODS,
+                        help="quzo: integer weights, forward only; mezo: float, forward only; adamw: backprop")
+    parser.add_argument("--bits", type=int, default=8, choices=[8, 4], help="quzo: weight bits")
+    parser.add_argument("--act-bits", type=int, default=8, choices=[8, 16], help="quzo: activation bits (16 = weight-only)")
+    parser.add_argument("--group-size", type=int, default=None, help="quzo: weight scale group size (default per channel)")
+    parser.add_argument("--trainable", default="all", choices=["all", "cola", "lora"],
+                        help="train all projections, only CoLA factors, or LoRA adapters on a frozen base")
+    parser.add_argument("--lora-rank", type=int, default=8, help="LoRA rank")
+    parser.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha")
+    parser.add_argument("--steps", type=int, default=100, help="optimizer steps")
+    parser.add_argument("--lr", type=float, default=1e-6, help="learning rate")
+    parser.add_argument("--eps", type=float, default=1e-3, help="ZO perturbation scale")
+    parser.add_argument("--weight-decay", type=float, default=0.0, help="weight decay")
+    parser.add_argument("--n-queries", type=int, default=1, help="ZO: seeds (two-point estimates) per step")
+    parser.add_argument("--same-rounding", action="store_true",
+                        help="quzo: reuse the perturbation's rounding in the update (the authors' released code)")
+    parser.add_argument("--schedule", default="constant", choices=["constant", "linear", "cosine"], help="LR schedule")
+    parser.add_argument("--batch-size", type=int, default=16, help="examples per step")
+    parser.add_argument("--k-shot", type=int, default=16, help="training examples per class (0: all)")
+    parser.add_argument("--n-dev", type=int, default=200, help="dev examples to evaluate on")
+    parser.add_argument("--seq-len", type=int, default=128, help="text: block length")
+    parser.add_argument("--eval-every", type=int, default=50, help="evaluate and checkpoint every N steps")
+    parser.add_argument("--seed", type=int, default=0, help="seed of sampling, batches and perturbations")
+    parser.add_argument("--out", default="runs/finetune", help="output folder (metrics.jsonl, curve.png, checkpoint/)")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint if it exists")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """Run ``colafx finetune`` and print the dev metric before and after."""
+    fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    config = FinetuneConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    result = finetune(config)
+    first, final = result["history"][0], result["final"]
+    key = "dev_acc" if "dev_acc" in final else "dev_loss"
+    print(f"{key}: step 0 {first.get(key, float('nan')):.4f} -> step {final['step']} {final[key]:.4f}; "
+          f"outputs in {config.out}")
+    return 0

@@ -1,0 +1,88 @@
+"""``colafx finetune`` end to end: tiny presets (all methods, resume = uninterrupted run) and SmolLM2."""
+import json
+
+import pytest
+import torch
+
+from colafx.cli import main
+from colafx.runtime.finetune import FinetuneConfig, finetune
+
+
+@pytest.fixture
+def sst_dir(tmp_path):
+    rows = [("a warm , funny film", 1), ("dull and slow", 0), ("great fun", 1), ("a mess", 0),
+            ("touching and smart", 1), ("boring", 0), ("lovely", 1), ("awful plot", 0)]
+    text = "sentence\tlabel\n" + "".join(f"{s}\t{lab}\n" for s, lab in rows)
+    (tmp_path / "train.tsv").write_text(text)
+    (tmp_path / "dev.tsv").write_text(text)
+    return tmp_path
+
+
+def _cfg(sst_dir, out, **kw):
+    base = dict(preset="llama-tiny", data_dir=str(sst_dir), steps=4, eval_every=2, batch_size=4, k_shot=4,
+                n_dev=8, lr=1e-3, eps=1e-2, out=str(out), progress=False)
+    return FinetuneConfig(**{**base, **kw})
+
+
+def _codes(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_quzo_resume_equals_uninterrupted_run(sst_dir, tmp_path):
+    full = finetune(_cfg(sst_dir, tmp_path / "full", method="quzo", bits=8))
+    finetune(_cfg(sst_dir, tmp_path / "cut", method="quzo", bits=8, steps=2))
+    resumed = finetune(_cfg(sst_dir, tmp_path / "cut", method="quzo", bits=8, resume=True))
+    a, b = _codes(full["model"]), _codes(resumed["model"])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert a["model.layers.0.mlp.up_proj.qweight"].dtype == torch.int8
+    rows = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
+    assert [r["loss"] for r in rows[1:]] == [r["loss"] for r in full["history"][1:]]
+    assert (tmp_path / "cut" / "curve.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("method,trainable", [("mezo", "all"), ("adamw", "all"), ("quzo", "lora")])
+def test_other_methods_run_and_change_weights(sst_dir, tmp_path, method, trainable):
+    result = finetune(_cfg(sst_dir, tmp_path, method=method, trainable=trainable, bits=4, steps=2))
+    model = result["model"]
+    assert "dev_acc" in result["final"] and result["final"]["step"] == 2
+    if trainable == "lora":
+        assert any(float(p.abs().sum()) > 0 for n, p in model.named_parameters() if n.endswith("lora_b"))
+        assert model.model.layers[0].self_attn.q_proj.base.qweight.dtype == torch.uint8
+    else:
+        from colafx import presets
+
+        fresh = presets.build("llama-tiny", seed=0)
+        assert not torch.equal(fresh.model.layers[0].mlp.up_proj.weight, model.model.layers[0].mlp.up_proj.weight)
+
+
+def test_text_task(tmp_path):
+    (tmp_path / "t.txt").write_text("the cat sat on the mat. " * 40)
+    result = finetune(FinetuneConfig(preset="llama-tiny", task="text", train_file=str(tmp_path / "t.txt"), steps=2,
+                                     eval_every=2, batch_size=2, seq_len=32, method="mezo", lr=1e-4,
+                                     out=str(tmp_path / "o"), progress=False))
+    assert result["final"]["dev_loss"] > 0
+
+
+def test_bad_config_is_a_clear_error(tmp_path, capsys, sst_dir):
+    with pytest.raises(ValueError, match="unknown method"):
+        finetune(_cfg(sst_dir, tmp_path, method="sgd"))
+    assert main(["finetune", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["finetune", "--preset", "llama-tiny", "--data-dir", str(tmp_path / "none"),
+                 "--out", str(tmp_path / "o2")]) == 1
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_smollm2_quzo_int8(smollm2_path, data_dir, tmp_path, capsys):
+    out = tmp_path / "smol"
+    code = main(["finetune", "--model", str(smollm2_path), "--task", "sst2", "--data-dir", str(data_dir),
+                 "--method", "quzo", "--bits", "8", "--steps", "1", "--batch-size", "2", "--n-dev", "4",
+                 "--eval-every", "1", "--lr", "1e-6", "--out", str(out), "--no-progress"])
+    assert code == 0
+    assert "dev_acc: step 0" in capsys.readouterr().out
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 1 and rows[-1]["loss"] > 0
+    from colafx.transform.io import read_record
+
+    assert "quant" in read_record(out / "checkpoint")["transforms"]
