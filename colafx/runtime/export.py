@@ -1,0 +1,425 @@
+"""ONNX export of LLaMA-family causal LMs (dense, CoLA, int8 / int4) and onnxruntime generation.
+
+``export_onnx`` wraps the model in :class:`KVCacheLM`: one graph for prefill and decode whose inputs
+are ``input_ids`` [batch, seq] and, per layer, ``past_key_i`` / ``past_value_i`` [batch, kv_heads,
+past, head_dim] (``past`` = 0 for the prefill) and whose outputs are ``logits`` [batch, seq, vocab] and
+``present_key_i`` / ``present_value_i`` [batch, kv_heads, past + seq, head_dim]. The decoder layers
+are the model's own modules; only the cache is replaced by flat tensors, so CoLA modules and the
+quantized linears export as they run. colafx custom ops map to ONNX through
+``colafx.kernels.onnx.onnx_translation_table()`` (int8: MatMulInteger, int4: com.microsoft MatMulNBits).
+
+Beside ``model.onnx`` the export writes ``model.json`` (the Hugging Face config and the graph's input
+/ output layout) and, when a tokenizer is given, ``model-tokenizer/``. :class:`OnnxCausalLM` reads them.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from colafx.transform.io import atomic_write_json
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+QUANT_OPS = {"int8": "colafx::int8_linear", "int4": "colafx::int4_linear"}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+META_FORMAT = "colafx-onnx"
+_EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf caps a single file at 2 GB
+
+
+class _FlatCache:
+    """Stands in for a Hugging Face ``Cache``: concatenates each layer's past key/value tensors
+    with the new ones and keeps the results as the graph's ``present`` outputs."""
+
+    def __init__(self, past: list[tuple[torch.Tensor, torch.Tensor]]):
+        self.past = past
+        self.present: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(past)
+
+    def update(self, key, value, layer_idx, *args, **kwargs):
+        past_key, past_value = self.past[layer_idx]
+        key, value = torch.cat([past_key, key], dim=2), torch.cat([past_value, value], dim=2)
+        self.present[layer_idx] = (key, value)
+        return key, value
+
+
+class KVCacheLM(nn.Module):
+    """``(input_ids, past_key_0, past_value_0, ...) -> (logits, present_key_0, present_value_0, ...)``
+    around a Hugging Face LLaMA-family causal LM; without past tensors it returns the logits only.
+
+    Positions continue from the past length; the additive mask is causal (and sliding-window when the
+    config has one). Sequences in a batch share one length (no padding).
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, *past: torch.Tensor):
+        body = self.model.model
+        hidden = body.embed_tokens(input_ids)
+        seq = input_ids.shape[1]
+        past_len = past[0].shape[2] if past else 0
+        positions = torch.arange(seq, device=input_ids.device) + past_len
+        keys = torch.arange(past_len + seq, device=input_ids.device)
+        visible = keys[None, :] <= positions[:, None]
+        window = getattr(self.model.config, "sliding_window", None)
+        if window:
+            visible = visible & (positions[:, None] - keys[None, :] < window)
+        mask = torch.zeros(visible.shape, dtype=hidden.dtype, device=hidden.device)
+        mask = mask.masked_fill(~visible, torch.finfo(hidden.dtype).min)[None, None]
+        position_ids = positions[None, :].expand(input_ids.shape[0], seq)
+        rotary = body.rotary_emb(hidden, position_ids)
+        cache = _FlatCache(list(zip(past[0::2], past[1::2]))) if past else None
+        for layer in body.layers[: self.model.config.num_hidden_layers]:
+            hidden = layer(hidden, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
+                           use_cache=cache is not None, position_embeddings=rotary)
+        logits = self.model.lm_head(body.norm(hidden))
+        if cache is None:
+            return logits
+        return (logits, *(t for kv in cache.present for t in kv))
+
+
+def check_supported(model: nn.Module) -> None:
+    """Check that ``model`` is a Hugging Face LLaMA-family causal LM that the exporter can wrap.
+
+    Raises:
+        ValueError: naming what is missing or unsupported.
+    """
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"cannot export {type(model).__name__} (model_type {model_type!r}): colafx exports "
+                         f"Hugging Face causal LMs of type {', '.join(SUPPORTED_MODEL_TYPES)}")
+    body = getattr(model, "model", None)
+    for name in ("embed_tokens", "layers", "norm", "rotary_emb"):
+        if not hasattr(body, name):
+            raise ValueError(f"cannot export {type(model).__name__}: its decoder has no {name!r}")
+    if not hasattr(model, "lm_head"):
+        raise ValueError(f"cannot export {type(model).__name__}: it has no lm_head")
+
+
+def kv_layout(config) -> dict:
+    """Number of layers, key/value heads and head size of the cache tensors of ``config``."""
+    heads = config.num_attention_heads
+    return {"num_layers": config.num_hidden_layers,
+            "num_kv_heads": getattr(config, "num_key_value_heads", None) or heads,
+            "head_dim": getattr(config, "head_dim", None) or config.hidden_size // heads}
+
+
+def io_names(num_layers: int, kv_cache: bool) -> tuple[list[str], list[str]]:
+    """Input and output names of the exported graph."""
+    if not kv_cache:
+        return ["input_ids"], ["logits"]
+    past = [f"past_{kind}_{i}" for i in range(num_layers) for kind in ("key", "value")]
+    present = [f"present_{kind}_{i}" for i in range(num_layers) for kind in ("key", "value")]
+    return ["input_ids", *past], ["logits", *present]
+
+
+def _quant_mode(exported: torch.export.ExportedProgram) -> str | None:
+    """Which quantized linear ops the captured graph calls: "int8", "int4", or None."""
+    found = {str(node.target.name()) for node in exported.graph.nodes
+             if node.op == "call_function" and hasattr(node.target, "name")}
+    modes = [mode for mode, op in QUANT_OPS.items() if any(name.startswith(op) for name in found)]
+    if len(modes) > 1:
+        raise ValueError("the model mixes int8 and int4 quantized linears; export one quantization mode")
+    return modes[0] if modes else None
+
+
+def _check_quant(requested: str | None, found: str | None) -> None:
+    if requested is not None and requested not in QUANT_OPS:
+        raise ValueError(f"unknown quant {requested!r}; choose None, 'int8' or 'int4'")
+    if requested == found:
+        return
+    if found is None:
+        bits = requested.removeprefix("int")
+        raise ValueError(f"quant={requested!r} but the model was not quantized to {requested}: run "
+                         f"colafx.quantize_(model, colafx.QuantConfig(weight_bits={bits})) first")
+    raise ValueError(f"the model is quantized to {found} but quant={requested!r} was requested: "
+                     f"pass quant={found!r}")
+
+
+def _translation_table() -> dict:
+    try:
+        from colafx.kernels.onnx import onnx_translation_table
+    except ImportError:
+        return {}
+    return onnx_translation_table()
+
+
+def _example_inputs(model: nn.Module, kv_cache: bool, dtype: torch.dtype):
+    """Example inputs (sizes ≥ 2 so torch.export keeps every axis symbolic) and their dynamic shapes."""
+    device = next(model.parameters()).device
+    batch, seq, past_len = torch.export.Dim("batch"), torch.export.Dim("seq"), torch.export.Dim("past")
+    ids = torch.zeros(2, 3, dtype=torch.long, device=device)
+    if not kv_cache:
+        return (ids,), ({0: batch, 1: seq},)
+    layout = kv_layout(model.config)
+    shape = (2, layout["num_kv_heads"], 4, layout["head_dim"])
+    past = tuple(torch.zeros(shape, dtype=dtype, device=device) for _ in range(2 * layout["num_layers"]))
+    return (ids, *past), ({0: batch, 1: seq}, tuple({0: batch, 2: past_len} for _ in past))
+
+
+def export_onnx(model: nn.Module, path: str | os.PathLike, quant: str | None = None, kv_cache: bool = True,
+                dtype: str = "fp32", opset: int | None = None, tokenizer=None) -> Path:
+    """Export a Hugging Face LLaMA-family causal LM (dense, colaified or quantized) to ONNX.
+
+    ``quant``: None for a float model, ``"int8"`` / ``"int4"`` for a model prepared with
+    ``colafx.quantize_`` (weight_bits 8 / 4); its linears become onnxruntime integer ops.
+    ``kv_cache``: add past/present key-value tensors (one graph for prefill and decode).
+    ``dtype``: ``"fp32"`` or ``"fp16"`` (the model is copied and cast; it is never modified).
+    ``opset``: ONNX opset (default: the exporter's). ``tokenizer``: saved beside the file if given.
+    Writes ``path`` (atomically), ``<stem>.json`` and ``<stem>-tokenizer/``; checks the file with
+    ``onnx.checker``.
+
+    Returns:
+        the path of the .onnx file.
+
+    Raises:
+        ValueError: unsupported model, unknown ``dtype`` / ``quant``, or a ``quant`` that does not
+            match how the model was prepared.
+    """
+    import onnx
+
+    check_supported(model)
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if quant is not None and quant not in QUANT_OPS:
+        raise ValueError(f"unknown quant {quant!r}; choose None, 'int8' or 'int4'")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch_dtype = DTYPES[dtype]
+    float_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    if float_dtype != torch_dtype:
+        model = copy.deepcopy(model).to(torch_dtype)
+    wrapper = KVCacheLM(model).eval()
+    args, dynamic = _example_inputs(model, kv_cache, torch_dtype)
+    with torch.no_grad():
+        exported = torch.export.export(wrapper, args, dynamic_shapes=dynamic, strict=False)
+    _check_quant(quant, _quant_mode(exported))
+    inputs, outputs = io_names(model.config.num_hidden_layers, kv_cache)
+    program = torch.onnx.export(exported, input_names=inputs, output_names=outputs, opset_version=opset,
+                                dynamo=True, custom_translation_table=_translation_table(), verbose=False)
+    _save_program(program, path)
+    onnx.checker.check_model(str(path))
+    _write_meta(model, path, quant, kv_cache, dtype, inputs, outputs, tokenizer)
+    return path
+
+
+def _save_program(program, path: Path) -> None:
+    """Save an ``ONNXProgram`` to ``path`` without ever leaving a half-written file there."""
+    big = sum(t.numel() * t.element_size() for t in program.exported_program.state_dict.values()) \
+        > _EXTERNAL_DATA_BYTES
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
+        program.save(str(Path(tmp) / path.name), external_data=big)
+        for item in sorted(Path(tmp).iterdir(), key=lambda p: p.name == path.name):
+            os.replace(item, path.parent / item.name)  # data first, the .onnx last
+
+
+def meta_path(path: str | os.PathLike) -> Path:
+    """The JSON file written beside an exported ``model.onnx``: ``model.json``."""
+    return Path(path).with_suffix(".json")
+
+
+def tokenizer_dir(path: str | os.PathLike) -> Path:
+    """The tokenizer folder written beside an exported ``model.onnx``: ``model-tokenizer/``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}-tokenizer")
+
+
+def _write_meta(model, path: Path, quant, kv_cache, dtype, inputs, outputs, tokenizer) -> None:
+    config = model.config
+    generation = getattr(model, "generation_config", None)
+    meta = {"format": META_FORMAT, "version": 1, "onnx_file": path.name, "quant": quant, "kv_cache": kv_cache,
+            "dtype": dtype, "inputs": inputs, "outputs": outputs, **kv_layout(config),
+            "vocab_size": config.vocab_size,
+            "eos_token_id": getattr(generation, "eos_token_id", None) or config.eos_token_id,
+            "pad_token_id": getattr(generation, "pad_token_id", None) or getattr(config, "pad_token_id", None),
+            "hf_config": config.to_dict()}
+    if tokenizer is not None:
+        folder = tokenizer_dir(path)
+        staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{folder.name}."))
+        tokenizer.save_pretrained(str(staging))
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(staging, folder)
+        meta["tokenizer"] = folder.name
+    atomic_write_json(meta_path(path), meta)
+
+
+class OnnxCausalLM:
+    """Run an exported model with onnxruntime: ``logits``, KV-cached greedy or sampled ``generate``.
+
+    ``path``: the .onnx file written by :func:`export_onnx` (its ``.json`` must sit beside it).
+    ``threads``: onnxruntime intra-op threads (default: onnxruntime's choice).
+    ``providers``: onnxruntime execution providers (default CPU).
+
+    Raises:
+        FileNotFoundError: the .onnx file or its .json is missing.
+        ValueError: the .json is corrupt or not written by colafx.
+    """
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None, providers: list[str] | None = None):
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"ONNX model {self.path} does not exist")
+        meta_file = meta_path(self.path)
+        if not meta_file.is_file():
+            raise FileNotFoundError(f"{meta_file} is missing: export the model with colafx.export_onnx")
+        try:
+            self.meta = json.loads(meta_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{meta_file} is corrupt (not valid JSON): {err}") from None
+        if not isinstance(self.meta, dict) or self.meta.get("format") != META_FORMAT:
+            raise ValueError(f"{meta_file} was not written by colafx.export_onnx")
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(self.path), options,
+                                            providers=providers or ["CPUExecutionProvider"])
+        self.kv_cache = bool(self.meta["kv_cache"])
+        self.float_dtype = np.float16 if self.meta["dtype"] == "fp16" else np.float32
+
+    def tokenizer(self):
+        """The tokenizer saved beside the model.
+
+        Raises:
+            FileNotFoundError: the export did not record a tokenizer.
+        """
+        from transformers import AutoTokenizer
+
+        name = self.meta.get("tokenizer")
+        if not name:
+            raise FileNotFoundError(f"{self.path} was exported without a tokenizer")
+        return AutoTokenizer.from_pretrained(str(self.path.parent / name))
+
+    def empty_cache(self, batch_size: int) -> list[np.ndarray]:
+        """Zero-length past key/value arrays for a prefill of ``batch_size`` sequences."""
+        shape = (batch_size, self.meta["num_kv_heads"], 0, self.meta["head_dim"])
+        return [np.zeros(shape, dtype=self.float_dtype) for _ in range(2 * self.meta["num_layers"])]
+
+    def forward(self, input_ids, past: list[np.ndarray] | None = None):
+        """Run the graph once: ``(logits, present)``; ``present`` is None for a graph without cache.
+
+        ``input_ids``: int [batch, seq] (numpy or torch). ``past``: the previous call's ``present``
+        (default: an empty cache).
+        """
+        ids = np.ascontiguousarray(np.asarray(input_ids, dtype=np.int64))
+        feeds = {"input_ids": ids}
+        if self.kv_cache:
+            past = past if past is not None else self.empty_cache(ids.shape[0])
+            feeds.update(zip(self.meta["inputs"][1:], past))
+        outputs = self.session.run(None, feeds)
+        return outputs[0], (outputs[1:] if self.kv_cache else None)
+
+    def generate(self, input_ids, max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0,
+                 top_k: int | None = None, eos_token_id: int | list[int] | None = None, seed: int | None = None):
+        """Continue ``input_ids`` [batch, seq] by up to ``max_new_tokens`` tokens, like Hugging Face
+        ``generate``: greedy by default, or sampling with ``temperature`` and ``top_k``; finished
+        sequences (``eos_token_id``, default the model's) are padded until all are done.
+
+        Returns:
+            int64 [batch, seq + new] of the same kind as ``input_ids`` (torch tensor or numpy array).
+
+        Raises:
+            ValueError: empty input, ``max_new_tokens`` < 0, or ``temperature`` ≤ 0 when sampling.
+        """
+        as_torch = isinstance(input_ids, torch.Tensor)
+        ids = np.asarray(input_ids.cpu() if as_torch else input_ids, dtype=np.int64)
+        if ids.ndim != 2 or ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be [batch, seq] with seq ≥ 1, got shape {ids.shape}")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be ≥ 0, got {max_new_tokens}")
+        if do_sample and temperature <= 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+        eos = self.meta.get("eos_token_id") if eos_token_id is None else eos_token_id
+        eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        pad = self.meta.get("pad_token_id")
+        pad = pad if pad is not None else (eos[0] if eos else 0)
+        rng = np.random.default_rng(seed)
+        running = np.ones(ids.shape[0], dtype=bool)
+        past, step_input = None, ids
+        for _ in range(max_new_tokens):
+            logits, past = self.forward(step_input, past)
+            token = self._next_token(logits[:, -1, :].astype(np.float32), do_sample, temperature, top_k, rng)
+            token = np.where(running, token, pad)
+            ids = np.concatenate([ids, token[:, None]], axis=1)
+            running &= ~np.isin(token, eos)
+            if not running.any():
+                break
+            step_input = token[:, None] if self.kv_cache else ids
+        return torch.from_numpy(ids) if as_torch else ids
+
+    @staticmethod
+    def _next_token(logits: np.ndarray, do_sample: bool, temperature: float, top_k: int | None, rng) -> np.ndarray:
+        if not do_sample:
+            return logits.argmax(axis=-1)
+        logits = logits / temperature
+        if top_k:
+            kth = np.sort(logits, axis=-1)[:, -min(top_k, logits.shape[-1])][:, None]
+            logits = np.where(logits < kth, -np.inf, logits)
+        probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        probs /= probs.sum(axis=-1, keepdims=True)
+        return np.array([rng.choice(len(p), p=p) for p in probs], dtype=np.int64)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``colafx export``."""
+    parser.add_argument("--model", required=True,
+                        help="model to export: a colafx checkpoint folder, a Hugging Face model folder, a .gguf "
+                             "file, or 'smollm2' for the packaged SmolLM2-135M")
+    parser.add_argument("--out", required=True, help="path of the .onnx file to write (its .json and tokenizer "
+                                                      "folder go beside it)")
+    parser.add_argument("--quant", choices=sorted(QUANT_OPS), default=None,
+                        help="export integer linears; a model not yet quantized is quantized first "
+                             "(int8: W8A8 per channel, int4: W4 per group of 32)")
+    parser.add_argument("--no-kv-cache", action="store_true", help="export a graph without past/present "
+                                                                   "key-value tensors")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="float type of the exported graph")
+    parser.add_argument("--opset", type=int, default=None, help="ONNX opset version (default: the exporter's)")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """Run ``colafx export``: load, (quantize,) export, print the file and its size."""
+    from colafx.runtime.models import load_model, load_tokenizer
+
+    if not str(args.out).endswith(".onnx"):
+        raise ValueError(f"--out must name a .onnx file, got {args.out!r}")
+    model = load_model(args.model)
+    try:
+        tokenizer = load_tokenizer(args.model)
+    except FileNotFoundError:
+        tokenizer = None
+    if args.quant and not _is_quantized(model):
+        quantize_for_export(model, args.quant)
+    path = export_onnx(model, args.out, quant=args.quant, kv_cache=not args.no_kv_cache, dtype=args.dtype,
+                       opset=args.opset, tokenizer=tokenizer)
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+    return 0
+
+
+def _is_quantized(model: nn.Module) -> bool:
+    return any(b.dtype in (torch.int8, torch.uint8) for b in model.buffers())
+
+
+def quantize_for_export(model: nn.Module, quant: str) -> nn.Module:
+    """Quantize ``model`` in place for a ``quant`` export: int8 = W8A8 per output channel,
+    int4 = W4 (per group of 32 input columns) with 8-bit activations. Returns the model.
+
+    Raises:
+        ValueError: unknown ``quant``.
+    """
+    from colafx.transform.quantize import QuantConfig, quantize_
+
+    if quant not in QUANT_OPS:
+        raise ValueError(f"unknown quant {quant!r}; choose 'int8' or 'int4'")
+    config = QuantConfig(weight_bits=8, act_bits=8) if quant == "int8" else \
+        QuantConfig(weight_bits=4, act_bits=8, group_size=32)
+    return quantize_(model, config)

@@ -1,0 +1,212 @@
+"""ONNX export (colafx.export_onnx, colafx export) and onnxruntime generation (OnnxCausalLM).
+
+Tolerances: fp32 graphs agree with PyTorch to 1e-4 (measured ~3e-7 on llama-tiny); fp16 graphs are
+compared with the fp32 model at 2e-2 (fp16 has 11 significant bits); quantized graphs against the
+PyTorch quantized model (see each test). Every export is slow (~10-25 s), so each one is shared.
+"""
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import colafx
+from colafx import presets
+from colafx.cli import main
+from colafx.runtime.export import OnnxCausalLM, export_onnx, quantize_for_export
+from colafx.transform.quantize import QuantConfig, quantize_, quantized_modules
+
+
+def _ids(shape, vocab=512, seed=1):
+    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float().numpy()
+
+
+def _op_types(path):
+    return {(n.domain or "ai.onnx", n.op_type) for n in onnx.load(str(path)).graph.node}
+
+
+@pytest.fixture(scope="module")
+def cola_export(tmp_path_factory):
+    """A colaified llama-tiny checkpoint exported by ``colafx export`` (fp32, KV cache)."""
+    folder = tmp_path_factory.mktemp("cola")
+    model = colafx.colaify(presets.build("llama-tiny", seed=0), rank=16)
+    colafx.save(model, folder / "ckpt")
+    assert main(["export", "--model", str(folder / "ckpt"), "--out", str(folder / "model.onnx")]) == 0
+    return colafx.load(folder / "ckpt").eval(), folder / "model.onnx"
+
+
+@pytest.fixture(scope="module")
+def int8_export(tmp_path_factory):
+    """A dense llama-tiny checkpoint exported by ``colafx export --quant int8`` (quantized by the CLI)."""
+    folder = tmp_path_factory.mktemp("int8")
+    colafx.save(presets.build("llama-tiny", seed=0), folder / "ckpt")
+    assert main(["export", "--model", str(folder / "ckpt"), "--out", str(folder / "model.onnx"),
+                 "--quant", "int8"]) == 0
+    reference = quantize_for_export(colafx.load(folder / "ckpt"), "int8").eval()
+    return reference, folder / "model.onnx"
+
+
+def test_cli_export_is_a_checked_onnx_file_with_dynamic_axes_and_metadata(cola_export):
+    _, path = cola_export
+    onnx.checker.check_model(str(path))
+    graph = onnx.load(str(path)).graph
+    names = [i.name for i in graph.input]
+    assert names[:3] == ["input_ids", "past_key_0", "past_value_0"] and len(names) == 1 + 2 * 2
+    ids_dims = graph.input[0].type.tensor_type.shape.dim
+    past_dims = graph.input[1].type.tensor_type.shape.dim
+    assert all(d.dim_param for d in ids_dims)  # batch and sequence are dynamic
+    assert past_dims[0].dim_param and past_dims[2].dim_param and past_dims[1].dim_value == 2
+    meta = json.loads(path.with_suffix(".json").read_text())
+    assert meta["kv_cache"] and meta["quant"] is None and meta["hf_config"]["model_type"] == "llama"
+
+
+def test_kv_cache_prefill_and_one_token_decode_match_pytorch(cola_export):
+    model, path = cola_export
+    lm = OnnxCausalLM(path)
+    ids = _ids((2, 5))
+    logits, present = lm.forward(ids)
+    np.testing.assert_allclose(logits, _logits(model, ids), atol=1e-4, rtol=0)
+    for step in range(3):
+        token = _ids((2, 1), seed=10 + step)
+        ids = torch.cat([ids, token], dim=1)
+        logits, present = lm.forward(token, present)  # one token in, cache grows by one
+        assert logits.shape == (2, 1, 512) and present[0].shape == (2, 2, ids.shape[1], 16)
+        np.testing.assert_allclose(logits[:, 0], _logits(model, ids)[:, -1], atol=1e-4, rtol=0)
+
+
+def test_greedy_generate_matches_pytorch_generate(cola_export):
+    model, path = cola_export
+    ids = _ids((2, 6))
+    expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False)
+    got = OnnxCausalLM(path).generate(ids, max_new_tokens=12)
+    assert isinstance(got, torch.Tensor) and torch.equal(got, expected)
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(cola_export):
+    _, path = cola_export
+    lm = OnnxCausalLM(path)
+    ids = _ids((1, 4)).numpy()
+    greedy = lm.generate(ids, 8)
+    assert isinstance(greedy, np.ndarray)
+    np.testing.assert_array_equal(lm.generate(ids, 8, do_sample=True, top_k=1, eos_token_id=[]), greedy)
+    a = lm.generate(ids, 8, do_sample=True, temperature=2.0, seed=3, eos_token_id=[])
+    b = lm.generate(ids, 8, do_sample=True, temperature=2.0, seed=3, eos_token_id=[])
+    c = lm.generate(ids, 8, do_sample=True, temperature=2.0, seed=4, eos_token_id=[])
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)  # 8 draws at temperature 2 over 512 tokens: equal by chance ~never
+    with pytest.raises(ValueError, match="temperature"):
+        lm.generate(ids, 4, do_sample=True, temperature=0.0)
+
+
+def test_fused_cola_fp16_export_without_cache(tmp_path):
+    model = colafx.colaify(presets.build("llama-tiny", seed=0), rank=16).eval()
+    for m in model.modules():
+        if hasattr(m, "fused"):
+            m.fused = True  # the bottleneck runs as colafx::lowrank_act -> MatMul + Sigmoid
+    path = export_onnx(model, tmp_path / "m.onnx", kv_cache=False, dtype="fp16")
+    assert next(model.parameters()).dtype == torch.float32  # the caller's model is not cast
+    assert [i.name for i in onnx.load(str(path)).graph.input] == ["input_ids"]
+    lm = OnnxCausalLM(path)
+    ids = _ids((2, 7))
+    logits, present = lm.forward(ids)
+    assert present is None and logits.dtype == np.float16
+    np.testing.assert_allclose(logits.astype(np.float32), _logits(model, ids), atol=2e-2, rtol=0)
+    assert lm.generate(ids, 3).shape == (2, 10)  # without a cache every step re-runs the prefix
+
+
+def test_int8_export_uses_matmulinteger_and_matches_pytorch_int8(int8_export):
+    model, path = int8_export
+    ops = _op_types(path)
+    assert ("ai.onnx", "MatMulInteger") in ops
+    quantized = quantized_modules(model)
+    initializers = onnx.load(str(path)).graph.initializer
+    float_shapes = {tuple(t.dims) for t in initializers if t.data_type == onnx.TensorProto.FLOAT}
+    int8_count = sum(1 for t in initializers if t.data_type == onnx.TensorProto.INT8)
+    assert int8_count >= len(quantized) == 14
+    # no projection weight is stored as float (q/k/v/o/gate/up/down shapes; lm_head stays float)
+    assert not float_shapes & {(m.out_features, m.in_features) for m in quantized.values()}
+    lm = OnnxCausalLM(path)
+    ids = _ids((2, 9))
+    # The graph quantizes activations per token like the op and multiplies integers exactly; fp32
+    # rounding differences can move an activation across a rounding boundary, so allow 1e-3.
+    np.testing.assert_allclose(lm.forward(ids)[0], _logits(model, ids), atol=1e-3, rtol=0)
+    expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
+    assert torch.equal(lm.generate(ids, 8), expected)
+
+
+def test_int4_export_uses_matmulnbits_and_matches_pytorch_int4(tmp_path):
+    model = presets.build("llama-tiny", seed=0).eval()
+    dense_bytes = sum(p.numel() * 4 for p in model.parameters())
+    quantize_(model, QuantConfig(weight_bits=4, act_bits=16, group_size=16))
+    path = export_onnx(model, tmp_path / "m.onnx", quant="int4")
+    assert ("com.microsoft", "MatMulNBits") in _op_types(path)
+    weights = sum(len(t.raw_data) for t in onnx.load(str(path)).graph.initializer)
+    packed = sum(m.qweight.numel() + m.scale.numel() * 4 for m in quantized_modules(model).values())
+    float_rest = sum(p.numel() * 4 for p in model.parameters())  # embeddings, norms, lm_head
+    # the weights stored are packed nibbles + scales, not float projection weights (~5x packed)
+    assert weights < float_rest + 1.5 * packed < dense_bytes
+    ids = _ids((2, 9))
+    # W4A16: MatMulNBits dequantizes blockwise in fp32 like the op; only summation order differs.
+    np.testing.assert_allclose(OnnxCausalLM(path).forward(ids)[0], _logits(model, ids), atol=1e-4, rtol=0)
+
+
+def test_quant_mode_must_match_how_the_model_was_prepared(int8_export, tiny_model, tmp_path):
+    model, _ = int8_export
+    with pytest.raises(ValueError, match="not quantized to int8: run colafx.quantize_"):
+        export_onnx(tiny_model, tmp_path / "a.onnx", quant="int8")
+    with pytest.raises(ValueError, match="quantized to int8 but quant='int4'"):
+        export_onnx(model, tmp_path / "b.onnx", quant="int4")
+    with pytest.raises(ValueError, match="unknown quant"):
+        export_onnx(tiny_model, tmp_path / "c.onnx", quant="int3")
+    with pytest.raises(ValueError, match="unknown dtype"):
+        export_onnx(tiny_model, tmp_path / "d.onnx", dtype="bf16")
+    assert not list(tmp_path.iterdir())  # nothing written on error
+
+
+def test_unsupported_model_is_a_clear_error(tmp_path):
+    from tests.llama_plain import PlainLlama
+
+    with pytest.raises(ValueError, match="cannot export PlainLlama"):
+        export_onnx(PlainLlama(vocab=64, d=32, ff=64, layers=1, heads=2), tmp_path / "m.onnx")
+
+
+def test_missing_or_corrupt_files_are_clear_errors(cola_export, tmp_path, capsys):
+    _, path = cola_export
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        OnnxCausalLM(tmp_path / "none.onnx")
+    lone = tmp_path / "lone.onnx"
+    lone.write_bytes(path.read_bytes())
+    with pytest.raises(FileNotFoundError, match="lone.json is missing"):
+        OnnxCausalLM(lone)
+    lone.with_suffix(".json").write_text("{not json")
+    with pytest.raises(ValueError, match="corrupt"):
+        OnnxCausalLM(lone)
+    assert main(["export", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "x.onnx")]) == 1
+    assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def smollm2_export(smollm2_path, tmp_path_factory):
+    """SmolLM2-135M (dense fp32, KV cache) exported once with its tokenizer."""
+    from colafx.runtime.models import load_model, load_tokenizer
+
+    model, tokenizer = load_model("smollm2"), load_tokenizer("smollm2")
+    path = export_onnx(model, tmp_path_factory.mktemp("smollm2") / "model.onnx", tokenizer=tokenizer)
+    return model, tokenizer, path
+
+
+def test_smollm2_greedy_generate_matches_pytorch(smollm2_export):
+    model, tokenizer, path = smollm2_export
+    lm = OnnxCausalLM(path)
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False)
+    got = lm.generate(ids, max_new_tokens=16)
+    assert torch.equal(got, expected)
+    assert "Paris" in lm.tokenizer().decode(got[0, ids.shape[1]:])  # the recorded tokenizer loads
+    np.testing.assert_allclose(lm.forward(ids)[0], _logits(model, ids), atol=1e-3, rtol=0)
