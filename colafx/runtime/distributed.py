@@ -1,0 +1,127 @@
+"""Data-parallel helpers for ``torchrun``: process group, DDP / FSDP2 wrapping, full state dicts.
+
+Outside ``torchrun`` (no ``WORLD_SIZE`` in the environment) everything is a no-op for one process.
+CPU runs use the gloo backend, CUDA runs NCCL.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """This process's place in the job."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup() -> DistEnv:
+    """Join the ``torchrun`` process group if launched by it (once); return this process's place.
+
+    Raises:
+        RuntimeError: torch.distributed is not available in this build but WORLD_SIZE > 1.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return DistEnv()
+    if not dist.is_available():
+        raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+def world_size() -> int:
+    """Number of processes (1 outside torchrun)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum ``t`` over all processes (returned as a new tensor; identity for one process)."""
+    if world_size() == 1:
+        return t
+    t = t.clone()
+    dist.all_reduce(t)
+    return t
+
+
+def barrier() -> None:
+    """Wait for every process (no-op for one process)."""
+    if world_size() > 1:
+        dist.barrier()
+
+
+def wrap(model: nn.Module, env: DistEnv, fsdp: bool) -> tuple[nn.Module, nn.Module]:
+    """Wrap ``model`` for data parallelism: DDP, or FSDP2 ``fully_shard`` per decoder layer and root.
+
+    Returns:
+        ``(model to train, plain module to save)``; for FSDP the plain module is an unsharded copy
+        on rank 0 (None elsewhere) that :func:`full_state` refreshes before each save.
+    """
+    if env.world == 1:
+        return model, model
+    if not fsdp:
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model), model
+    from torch.distributed.fsdp import fully_shard
+
+    plain = copy.deepcopy(model) if env.is_main else None
+    layers = getattr(getattr(model, "model", model), "layers", [])
+    for layer in layers:
+        fully_shard(layer)
+    fully_shard(model)
+    return model, plain
+
+
+def full_state(model: nn.Module, plain: nn.Module, optimizer, env: DistEnv, fsdp: bool):
+    """``(plain module with current weights, optimizer state dict)`` for a checkpoint; collective
+    under FSDP (all ranks call it), meaningful on rank 0."""
+    if not (fsdp and env.world > 1):
+        return plain, optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(model, options=options)
+    optim = get_optimizer_state_dict(model, optimizer, options=options)
+    if env.is_main:
+        plain.load_state_dict(weights)
+    return plain, optim
+
+
+def full_model(model: nn.Module, plain: nn.Module, env: DistEnv, fsdp: bool) -> nn.Module:
+    """The unwrapped model with the current weights (rank 0 under FSDP; collective there)."""
+    if fsdp and env.world > 1:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if env.is_main:
+            plain.load_state_dict(weights)
+        return plain if env.is_main else model
+    return plain
+
+
+def load_optimizer_state(model: nn.Module, optimizer, state: dict, fsdp: bool) -> None:
+    """Restore an optimizer state written by :func:`full_state` (full state dict under FSDP)."""
+    if fsdp and world_size() > 1:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(state)
