@@ -3,7 +3,9 @@
 One policy serves eager and compiled execution:
 
 * :func:`recompute_policy` maps an op to a ``CheckpointPolicy``: ``MUST_SAVE`` for the bottleneck
-  op ``colafx::lowrank_act`` (``σ(A·x)``), ``PREFER_RECOMPUTE`` for everything else. Eager CoLA-M
+  ops — ``colafx::lowrank_act`` (``σ(A·x)``, the fused op) and ``colafx::lowrank_in`` (``A·x``,
+  what eager CoLA-M runs on the CPU so that neither the recompute nor the SiLU backward repeats the
+  A projection) — and ``PREFER_RECOMPUTE`` for everything else. Eager CoLA-M
   (:mod:`colafx.transform.recompute`) hands it to ``create_selective_checkpoint_contexts``.
 * :func:`tag_recompute` writes the same decisions into ``node.meta["recompute"]`` (and a per-block
   ``node.meta["ac_graph_id"]``) of a forward or joint FX graph, which is what the min-cut
@@ -23,19 +25,26 @@ import torch.fx as fx
 from torch.utils.checkpoint import CheckpointPolicy
 
 BOTTLENECK_OP = "colafx::lowrank_act"
+BOTTLENECK_OPS = (BOTTLENECK_OP, "colafx::lowrank_in")  # σ(A·x) fused, or the pre-activation A·x
 
 
 def is_bottleneck(target) -> bool:
-    """True if ``target`` (an op overload or packet, e.g. an FX node target) is ``colafx::lowrank_act``."""
+    """True if ``target`` (an op overload or packet, e.g. an FX node target) is one of the rank-r
+    bottleneck ops ``colafx::lowrank_act`` / ``colafx::lowrank_in`` whose outputs CoLA-M keeps."""
+    return _op_name(target) in BOTTLENECK_OPS
+
+
+def _op_name(target) -> str | None:
     if isinstance(target, torch._ops.OpOverload):
-        return target._schema.name == BOTTLENECK_OP
+        return target._schema.name
     if isinstance(target, torch._ops.OpOverloadPacket):
-        return target._qualified_op_name == BOTTLENECK_OP
-    return False
+        return target._qualified_op_name
+    return None
 
 
 def recompute_policy(func) -> CheckpointPolicy:
-    """CoLA-M's policy for one op: ``MUST_SAVE`` for the bottleneck ``σ(A·x)``, else ``PREFER_RECOMPUTE``."""
+    """CoLA-M's policy for one op: ``MUST_SAVE`` for a rank-r bottleneck op (see :func:`is_bottleneck`),
+    else ``PREFER_RECOMPUTE``."""
     return CheckpointPolicy.MUST_SAVE if is_bottleneck(func) else CheckpointPolicy.PREFER_RECOMPUTE
 
 
@@ -72,22 +81,24 @@ def _is_forward(node: fx.Node) -> bool:
 
 def graph_blocks(gm: fx.GraphModule) -> list[str]:
     """The decoder blocks of an FX graph (module paths from ``nn_module_stack``), found from the
-    ``colafx::lowrank_act`` nodes with :func:`find_blocks`; ``[]`` if the graph has none."""
+    bottleneck nodes with :func:`find_blocks`; ``[]`` if the graph has none."""
     type_of: dict[str, object] = {}
     chains = []
     for node in gm.graph.nodes:
         if _is_forward(node) and is_bottleneck(node.target):
             stack = _stack(node)
             type_of.update(stack)
-            # The innermost entry is the CoLA module that calls the op: not an ancestor.
-            chains.append([path for path, _ in stack[:-1]])
+            # The innermost entries are the CoLA module that calls the op (lowrank_act), or its A
+            # projection and the CoLA module (lowrank_in): not ancestors of the site.
+            own = 2 if _op_name(node.target) == BOTTLENECK_OPS[1] else 1
+            chains.append([path for path, _ in stack[:-own]])
     return find_blocks(chains, type_of.__getitem__)
 
 
 def tag_recompute(gm: fx.GraphModule) -> int:
     """Tag CoLA-M recompute boundaries on a forward or joint FX graph, in place.
 
-    Every forward ``colafx::lowrank_act`` node gets ``node.meta["recompute"] = MUST_SAVE``; every
+    Every forward bottleneck node (``colafx::lowrank_act`` / ``colafx::lowrank_in``) gets ``node.meta["recompute"] = MUST_SAVE``; every
     other forward node inside a decoder block (per ``nn_module_stack``, see :func:`graph_blocks`)
     gets ``PREFER_RECOMPUTE``. Tagged nodes of a block share ``node.meta["ac_graph_id"]`` (blocks
     numbered from 1 in graph order) so the partitioner saves the tensors passed between blocks.

@@ -3,11 +3,17 @@
 ``enable_recompute(model)`` wraps the forward of every decoder block that holds CoLA modules in
 ``torch.utils.checkpoint`` (non-reentrant, so keyword arguments such as Hugging Face's
 ``position_embeddings``/``attention_mask`` pass through and the RNG state of dropout is replayed).
-With ``policy="cola-m"`` the checkpoint is selective: the block's CoLA modules run their bottleneck
-as the custom op ``colafx::lowrank_act`` and :func:`colafx.passes.recompute.recompute_policy` keeps
-its outputs (``MUST_SAVE``) while norms, B projections, RoPE, attention and MLP products are
-recomputed in backward. Under ``torch.compile`` the same policy becomes ``node.meta["recompute"]``
-tags. ``policy="full"`` checkpoints whole blocks (only the block input is kept).
+With ``policy="cola-m"`` the checkpoint is selective: the A projection of every CoLA module in the
+block runs as the custom op ``colafx::lowrank_in`` (``z = A·x``, the same ``F.linear``) and
+:func:`colafx.passes.recompute.recompute_policy` keeps its rank-r output (``MUST_SAVE``) while
+norms, SiLU, B projections, RoPE, attention and MLP products are recomputed in backward. Keeping
+``z`` rather than ``σ(z)`` costs the same memory (r values per token and site) but lets the SiLU
+backward use it directly, so the A projections are never run twice; keeping ``σ(z)`` would force
+recomputing ``A·x`` for the SiLU derivative, i.e. the same work as full-block checkpointing. A CoLA
+module that runs the fused op ``colafx::lowrank_act`` (``fused=True``, or on CUDA by default) keeps
+that op's output ``σ(z)`` instead. Under ``torch.compile`` the same policy becomes
+``node.meta["recompute"]`` tags. ``policy="full"`` checkpoints whole blocks (only the block input
+is kept).
 
 Blocks run without checkpointing when autograd is off (``torch.no_grad``, ``generate``). A KV cache
 with content makes a block run without checkpointing (the recompute would write the cache twice);
@@ -22,6 +28,7 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
@@ -40,7 +47,57 @@ class _BlockState:
 
     policy: str
     own_forward: object | None  # an instance-level forward that was there before (e.g. accelerate hooks)
-    fused_before: dict[str, bool | None] = field(default_factory=dict)  # CoLA module name -> old .fused
+    a_projections: list[str] = field(default_factory=list)  # A projections switched to colafx::lowrank_in
+
+
+@torch.library.custom_op("colafx::lowrank_in", mutates_args=())
+def _lowrank_in_op(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, weight)
+
+
+@_lowrank_in_op.register_fake
+def _(x, weight):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _lowrank_in_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _lowrank_in_backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    grad_x = grad.matmul(weight) if ctx.needs_input_grad[0] else None
+    grad_w = grad.reshape(-1, grad.shape[-1]).t().mm(x.reshape(-1, x.shape[-1])) if ctx.needs_input_grad[1] else None
+    return grad_x, grad_w
+
+
+_lowrank_in_op.register_autograd(_lowrank_in_backward, setup_context=_lowrank_in_setup)
+
+
+def lowrank_in(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The pre-activation ``z = x @ weight.T`` of a CoLA bottleneck as the custom op
+    ``colafx::lowrank_in`` (same numerics as ``F.linear``), so that CoLA-M's policy can keep it.
+
+    Under autocast the inputs are cast to the autocast dtype first, as autocast does for a linear.
+
+    Raises:
+        ValueError: if ``weight`` is not 2-D or its columns differ from the last dim of ``x``.
+    """
+    if weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"lowrank_in: x [..., {x.shape[-1]}] does not fit weight {tuple(weight.shape)}")
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        x, weight = x.to(dtype), weight.to(dtype)
+    return torch.ops.colafx.lowrank_in(x, weight)
+
+
+def _a_projection_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """Instance forward of a CoLA module's A projection under CoLA-M (bias-free ``nn.Linear``); a
+    plain linear when autograd is off (inference and export graphs never see the op)."""
+    if not torch.is_grad_enabled():
+        return F.linear(x, self.weight)
+    return lowrank_in(x, self.weight)
 
 
 def _sac_policy(ctx, func, *args, **kwargs):
@@ -79,8 +136,9 @@ def enable_recompute(model: nn.Module, policy: str = "cola-m") -> nn.Module:
     """Turn on activation checkpointing per decoder block of a colaified model, in place.
 
     Args:
-        policy: ``"cola-m"`` keeps only the rank-r bottleneck outputs ``σ(A·x)`` (plus the block
-            input) and recomputes the rest; ``"full"`` keeps only the block input. Calling again
+        policy: ``"cola-m"`` keeps only the rank-r bottleneck activations (``A·x``, or ``σ(A·x)`` of
+            fused CoLA modules; plus the block input) and recomputes the rest; ``"full"`` keeps
+            only the block input. Calling again
             with another policy replaces the previous one.
 
     Returns:
@@ -102,17 +160,18 @@ def enable_recompute(model: nn.Module, policy: str = "cola-m") -> nn.Module:
         state = _BlockState(policy, block.__dict__.get("forward"))
         if policy == "cola-m":
             for name, m in block.named_modules():
-                if isinstance(m, CoLALinear):
-                    state.fused_before[name] = m.fused
-                    m.fused = True
+                a = getattr(m, "cola_a", None)
+                if isinstance(m, CoLALinear) and type(a) is nn.Linear and a.bias is None and "forward" not in vars(a):
+                    a.forward = types.MethodType(_a_projection_forward, a)
+                    state.a_projections.append(f"{name}.cola_a")
         block.__dict__[_STATE] = state
         block.forward = types.MethodType(_checkpointed_forward, block)
     return model
 
 
 def disable_recompute(model: nn.Module) -> nn.Module:
-    """Undo :func:`enable_recompute`: restore each block's forward and its CoLA modules' ``fused``
-    flag. A model without recompute is returned unchanged. Returns the same ``model``."""
+    """Undo :func:`enable_recompute`: restore each block's forward and its CoLA modules' A projections.
+    A model without recompute is returned unchanged. Returns the same ``model``."""
     for block in model.modules():
         state = block.__dict__.pop(_STATE, None)
         if state is None:
@@ -121,8 +180,8 @@ def disable_recompute(model: nn.Module) -> nn.Module:
             del block.forward
         else:
             block.forward = state.own_forward
-        for name, fused in state.fused_before.items():
-            block.get_submodule(name).fused = fused
+        for name in state.a_projections:
+            del block.get_submodule(name).forward
     return model
 
 

@@ -140,8 +140,10 @@ def test_plain_pytorch_llama_matches_eager():
     assert summaries(graphs)["fuse_lowrank"] == "fused 14 bottlenecks into colafx::lowrank_act"
 
 
-def test_dense_model_compiles_and_says_nothing_was_found():
+def test_dense_model_compiles_and_says_nothing_was_found(monkeypatch, tmp_path, capsys):
+    """Also COLAFX_DEBUG end to end: it makes the backend dump every graph and print the summaries."""
     torch._dynamo.reset()
+    monkeypatch.setenv("COLAFX_DEBUG", str(tmp_path))
     model = presets.build("llama-tiny", seed=0, num_hidden_layers=1)
     backend, graphs = counting_backend({"compiler": "aot_eager", "fuse_lowrank": True})
     batch = ids()
@@ -151,6 +153,29 @@ def test_dense_model_compiles_and_says_nothing_was_found():
     report = summaries(graphs)
     assert report["fuse_lowrank"].startswith("found no CoLA bottleneck")
     assert report["quantized"].startswith("found no quantized linear")
+    assert f"[colafx] fuse_lowrank: {report['fuse_lowrank']}" in capsys.readouterr().out
+    (folder,) = tmp_path.glob("graph_*")
+    assert {p.name for p in folder.iterdir()} == {"00_fuse_lowrank.before.py", "00_fuse_lowrank.after.py",
+                                                  "01_quantized.before.py", "01_quantized.after.py",
+                                                  "summary.txt"}
+
+
+def test_dump_option_writes_the_pipeline(tmp_path):
+    torch._dynamo.reset()
+    F = torch.nn.functional
+
+    def bottleneck(x, a, b):  # a hand-written CoLA bottleneck: linear -> SiLU -> linear
+        return F.linear(F.silu(F.linear(x, a)), b)
+
+    f = torch.compile(bottleneck, backend="colafx",
+                      options={"compiler": "aot_eager", "fuse_lowrank": True, "dump": str(tmp_path)})
+    x, a, b = torch.randn(4, 32), torch.randn(8, 32), torch.randn(32, 8)
+    torch.testing.assert_close(f(x, a, b), bottleneck(x, a, b), atol=1e-5, rtol=1e-5)
+    (folder,) = tmp_path.glob("graph_*")
+    assert (folder / "summary.txt").read_text().splitlines() == [
+        "[colafx] fuse_lowrank: fused 1 bottlenecks into colafx::lowrank_act",
+        "[colafx] quantized: found no quantized linear (int8 dequantize + linear, or colafx quantized ops)"]
+    assert "colafx.lowrank_act" in (folder / "00_fuse_lowrank.after.py").read_text()
 
 
 def test_inductor_forward_backward_matches_eager():
