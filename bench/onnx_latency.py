@@ -37,16 +37,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default="smollm2", help="model to export (a path load_model accepts, or 'smollm2')")
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
                    help="dense: fp32 as loaded; cola: colaified (SVD init) fp32; int8: W8A8 per channel "
-                        "(MatMulInteger); int4: W4A16 groups of 32 (MatMulNBits)")
+                        "(MatMulInteger); int4: W4A8 groups of 32 (MatMulNBits, accuracy_level 4)")
     p.add_argument("--rank", type=float, default=0.25, help="CoLA rank of the cola variant, fraction of d_model")
     p.add_argument("--prefill", type=int, default=128, help="prompt tokens of the timed prefill")
     p.add_argument("--decode", type=int, default=16, help="one-token decode calls timed per repeat")
     p.add_argument("--repeats", type=int, default=5, help="interleaved repeats (medians are reported)")
-    p.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
+    p.add_argument("--threads", type=int, default=1,
+                   help="onnxruntime intra-op threads (1: on a shared 2-core machine a second spinning "
+                        "thread mostly measures the scheduler)")
     p.add_argument("--parity-tokens", type=int, default=16, help="greedy tokens compared with PyTorch generate")
     p.add_argument("--export-dir", default=None, help="keep the exports here (default: a temporary folder)")
+    p.add_argument("--reuse", action="store_true",
+                   help="with --export-dir: time an export already there instead of exporting again "
+                        "(export_s is then null)")
     p.add_argument("--out", default="bench/results", help="folder for onnx_latency.json / .png")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.reuse and not args.export_dir:
+        p.error("--reuse needs --export-dir")
+    return args
 
 
 def build_variant(base: torch.nn.Module, name: str, rank: float) -> torch.nn.Module:
@@ -106,9 +114,11 @@ def main(argv=None) -> int:
     rows, sessions = [], {}
     for name in tqdm(args.variants, desc="export + parity"):
         model = build_variant(base, name, args.rank)
-        start = time.perf_counter()
-        path = export_onnx(model, folder / name / "model.onnx", quant=name if name in ("int8", "int4") else None)
-        export_s = time.perf_counter() - start
+        path, export_s = folder / name / "model.onnx", None
+        if not (args.reuse and path.is_file() and path.with_suffix(".json").is_file()):
+            start = time.perf_counter()
+            export_onnx(model, path, quant=name if name in ("int8", "int4") else None)
+            export_s = time.perf_counter() - start
         lm = sessions[name] = OnnxCausalLM(path, threads=args.threads)
         expected = model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids),
                                   max_new_tokens=args.parity_tokens, do_sample=False)

@@ -6,8 +6,10 @@
 * ``colafx::quantize_act_int8`` → per-token absmax in primitive ops (same numerics as the op).
 * ``colafx::int8_linear`` (W8A8, default ``act_quant="per_token"``) → the op's own per-token
   symmetric int8 quantization written in primitive ops (``ReduceMax(Abs)``, ``Floor(x/s + 0.5)``,
-  ``Clip``, ``Cast``) → ``MatMulInteger`` (int8 × int8 → int32) → ``Cast`` → ``Mul(scales)`` (+ bias).
-  It reproduces the torch op's integers exactly. ``act_quant="dynamic"`` uses onnxruntime's
+  ``Clip``, ``Cast``) → ``MatMulInteger`` → ``Cast`` → ``Mul(scales)`` (+ bias). Both operands enter
+  MatMulInteger as uint8 codes + 128 with zero point 128 (onnxruntime's uint8 × uint8 kernel is exact
+  and fast on AVX2; int8 × int8 is ~20x slower, uint8 × int8 saturates). It reproduces the torch
+  op's integers exactly. ``act_quant="dynamic"`` uses onnxruntime's
   ``DynamicQuantizeLinear`` instead (per-tensor asymmetric uint8: fewer, faster nodes, different
   numerics). W8A16 and per-group W8A8 dequantize the weight in the graph and use ``MatMul``
   (per-group W8A8 then multiplies the fake-quantized activations: equal up to fp32 rounding).
@@ -68,13 +70,18 @@ def _scalar(value: float):
     return op.Constant(value_float=float(value))
 
 
-def _per_token_int8(x):
-    """(q int8, scale fp32 [..., 1]) with the op's semantics: floor(x/s + 0.5), s = max(|x|)/127."""
+def _per_token_int8(x, shifted: bool = False):
+    """(q int8, scale fp32 [..., 1]) with the op's semantics: floor(x/s + 0.5), s = max(|x|)/127.
+
+    ``shifted=True`` returns ``q + 128`` as uint8 instead (the same codes, zero point 128).
+    """
     absmax = op.ReduceMax(op.Abs(x), _const_ints([-1]), keepdims=1)
     scale = op.Div(op.Max(absmax, _scalar(_SCALE_FLOOR)), _scalar(_QMAX8))
     rounded = op.Floor(op.Add(op.Div(x, scale), _scalar(0.5)))
-    q = op.Cast(op.Clip(rounded, _scalar(-_QMAX8), _scalar(_QMAX8)), to=_INT8)
-    return q, scale
+    q = op.Clip(rounded, _scalar(-_QMAX8), _scalar(_QMAX8))
+    if shifted:
+        return op.Cast(op.Add(q, _scalar(128.0)), to=_UINT8), scale
+    return op.Cast(q, to=_INT8), scale
 
 
 def _dequantized_weight(q_float, w_scale, n: int, k: int, groups: int):
@@ -109,15 +116,17 @@ def _int8_w8a8(xf, qweight, w_scale, act_quant: str):
     """Per-channel W8A8: integer MatMul and fp32 rescale."""
     w_t = op.Transpose(qweight, perm=[1, 0])
     w_row = op.Reshape(w_scale, _const_ints([1, -1]))
+    # uint8 x uint8 (codes shifted by 128, zero point 128): onnxruntime's x86 uint8 x int8 kernel
+    # accumulates pairs in saturating int16 (wrong on full-range codes) and its int8 x int8 path is
+    # ~20x slower than fp32 MatMul on AVX2; uint8 x uint8 is exact and the fast one there.
+    w_u8 = op.Cast(op.Add(op.Cast(w_t, to=_INT64), op.Constant(value_int=128)), to=_UINT8)
+    zero_128 = op.Constant(value=_uint8_tensor(128))
     if act_quant == "dynamic":
         qx, sx, zx = op.DynamicQuantizeLinear(xf)
-        # uint8 x uint8 (weight shifted by 128, zero point 128): onnxruntime's x86 uint8 x int8
-        # kernel accumulates pairs in saturating int16 and loses accuracy on full-range codes.
-        w_u8 = op.Cast(op.Add(op.Cast(w_t, to=_INT64), op.Constant(value_int=128)), to=_UINT8)
-        acc = op.MatMulInteger(qx, w_u8, zx, op.Constant(value=_uint8_tensor(128)))
+        acc = op.MatMulInteger(qx, w_u8, zx, zero_128)
     else:
-        qx, sx = _per_token_int8(xf)
-        acc = op.MatMulInteger(qx, w_t)
+        qx, sx = _per_token_int8(xf, shifted=True)
+        acc = op.MatMulInteger(qx, w_u8, zero_128, zero_128)
     return op.Mul(op.Mul(op.Cast(acc, to=_FLOAT), sx), w_row)
 
 

@@ -42,6 +42,8 @@ __all__ = [
     "dequantize_ref",
     "uniform_noise",
     "triton_uniform_noise",
+    "cpu_noise",
+    "philox_noise",
     "derive_seed",
     "QMAX",
 ]
@@ -142,11 +144,19 @@ def cpu_stream(kind: str, seed: int, numel: int, start_chunk: int = 0):
         yield start, draw(min(CPU_CHUNK, numel - start), generator=gen, dtype=torch.float32)
 
 
+def cpu_noise(kind: str, seed: int, numel: int) -> torch.Tensor:
+    """Return the whole CPU ``kind`` ("uniform" / "normal") stream for ``seed`` (1-D fp32, ``numel``).
+
+    Raises TypeError / ValueError for a bad seed or kind.
+    """
+    check_seed(seed)
+    parts = [chunk for _, chunk in cpu_stream(kind, seed, numel)]
+    return torch.cat(parts) if parts else torch.empty(0)
+
+
 def uniform_noise(seed: int, numel: int) -> torch.Tensor:
     """Return the CPU fast path's U[0,1) stream for ``seed`` as a 1-D fp32 tensor of ``numel``."""
-    check_seed(seed)
-    parts = [chunk for _, chunk in cpu_stream("uniform", seed, numel)]
-    return torch.cat(parts) if parts else torch.empty(0)
+    return cpu_noise("uniform", seed, numel)
 
 
 # --------------------------------------------------------------------------------------------
@@ -189,10 +199,32 @@ def _quantize_rows_kernel(
 
 
 @triton.jit
-def _uniform_noise_kernel(out_ptr, numel, seed, BLOCK: tl.constexpr):
-    """out[i] = tl.rand(seed, i): the stream the Triton quantizers use."""
+def _noise_kernel(out_ptr, numel, seed, NORMAL: tl.constexpr, BLOCK: tl.constexpr):
+    """out[i] = tl.randn(seed, i) (NORMAL) or tl.rand(seed, i): the streams the Triton kernels draw."""
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(out_ptr + offsets, tl.rand(seed, offsets), mask=offsets < numel)
+    if NORMAL:
+        noise = tl.randn(seed, offsets)
+    else:
+        noise = tl.rand(seed, offsets)
+    tl.store(out_ptr + offsets, noise, mask=offsets < numel)
+
+
+def philox_noise(kind: str, seed: int, numel: int, device="cpu") -> torch.Tensor:
+    """Return the Triton Philox stream ``tl.rand(seed, i)`` ("uniform", U[0,1)) or
+    ``tl.randn(seed, i)`` ("normal", N(0,1)) for i < numel, as a 1-D fp32 tensor.
+
+    On a CPU device this needs ``TRITON_INTERPRET=1``. Raises ValueError for a bad ``kind``,
+    TypeError / ValueError for a bad seed.
+    """
+    if kind not in ("uniform", "normal"):
+        raise ValueError(f"kind must be 'uniform' or 'normal', got {kind!r}")
+    check_seed(seed)
+    out = torch.empty(numel, dtype=torch.float32, device=device)
+    if numel:
+        _noise_kernel[(triton.cdiv(numel, _QUANT_BLOCK),)](
+            out, numel, seed, NORMAL=kind == "normal", BLOCK=_QUANT_BLOCK
+        )
+    return out
 
 
 def triton_uniform_noise(seed: int, numel: int, device="cpu") -> torch.Tensor:
@@ -200,11 +232,7 @@ def triton_uniform_noise(seed: int, numel: int, device="cpu") -> torch.Tensor:
 
     On a CPU device this needs ``TRITON_INTERPRET=1``. Raises ValueError / TypeError for a bad seed.
     """
-    check_seed(seed)
-    out = torch.empty(numel, dtype=torch.float32, device=device)
-    if numel:
-        _uniform_noise_kernel[(triton.cdiv(numel, _QUANT_BLOCK),)](out, numel, seed, BLOCK=_QUANT_BLOCK)
-    return out
+    return philox_noise("uniform", seed, numel, device)
 
 
 def _quantize_rows_triton(x2d: torch.Tensor, qmax: int, stochastic: bool, seed: int):

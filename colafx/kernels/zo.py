@@ -48,8 +48,10 @@ from .quant import (
     check_bits,
     check_float,
     check_seed,
+    cpu_noise,
     cpu_stream,
     derive_seed,
+    philox_noise,
     unpack_int4,
     use_triton,
 )
@@ -142,29 +144,20 @@ def _check_headroom(qweight: torch.Tensor, bits: int) -> None:
 
 
 def normal_noise(seed: int, numel: int) -> torch.Tensor:
-    """Return the CPU path's N(0,1) stream for ``seed`` (1-D fp32, ``numel`` elements)."""
-    check_seed(seed)
-    parts = [chunk for _, chunk in cpu_stream("normal", seed, numel)]
-    return torch.cat(parts) if parts else torch.empty(0)
+    """Return the CPU path's N(0,1) stream for ``seed`` (1-D fp32, ``numel`` elements).
 
-
-@triton.jit
-def _normal_noise_kernel(out_ptr, numel, seed, BLOCK: tl.constexpr):
-    """out[i] = tl.randn(seed, i): the u stream of the Triton ZO kernels."""
-    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(out_ptr + offsets, tl.randn(seed, offsets), mask=offsets < numel)
+    Raises TypeError / ValueError for a bad seed.
+    """
+    return cpu_noise("normal", seed, numel)
 
 
 def triton_normal_noise(seed: int, numel: int, device="cpu") -> torch.Tensor:
-    """Return the Triton Philox N(0,1) stream ``tl.randn(seed, i)``, i < numel (1-D fp32).
+    """Return the Triton Philox N(0,1) stream ``tl.randn(seed, i)``, i < numel (1-D fp32): the u of
+    the Triton ZO kernels. On a CPU device this needs ``TRITON_INTERPRET=1``.
 
-    On a CPU device this needs ``TRITON_INTERPRET=1``. Raises TypeError / ValueError for a bad seed.
+    Raises TypeError / ValueError for a bad seed.
     """
-    check_seed(seed)
-    out = torch.empty(numel, dtype=torch.float32, device=device)
-    if numel:
-        _normal_noise_kernel[(triton.cdiv(numel, _BLOCK),)](out, numel, seed, BLOCK=_BLOCK)
-    return out
+    return philox_noise("normal", seed, numel, device)
 
 
 # --------------------------------------------------------------------------------------------

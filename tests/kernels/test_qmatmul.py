@@ -168,6 +168,21 @@ def test_backend_selection():
         qmatmul.set_cpu_int8_backend(old)
 
 
+@pytest.mark.parametrize("vnni", [False, True])
+def test_auto_backend_uses_int_mm_only_with_int8_dot_instructions(monkeypatch, vnni):
+    """Without VNNI / AMX, torch._int_mm is a slow reference loop: "auto" must pick oneDNN then."""
+    if not qmatmul._onednn_available():
+        pytest.skip("this torch build has no oneDNN quantized linear ops")
+    monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: vnni, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    old = qmatmul._cpu_backend
+    try:
+        qmatmul.set_cpu_int8_backend("auto")
+        assert qmatmul.cpu_int8_backend() == ("int_mm" if vnni else "onednn")
+    finally:
+        qmatmul.set_cpu_int8_backend(old)
+
+
 def _bad_calls():
     x = torch.randn(3, 8)
     q8 = torch.zeros(4, 8, dtype=torch.int8)

@@ -127,10 +127,15 @@ def test_int8_export_uses_matmulinteger_and_matches_pytorch_int8(int8_export):
     quantized = quantized_modules(model)
     initializers = onnx.load(str(path)).graph.initializer
     float_shapes = {tuple(t.dims) for t in initializers if t.data_type == onnx.TensorProto.FLOAT}
-    int8_count = sum(1 for t in initializers if t.data_type == onnx.TensorProto.INT8)
-    assert int8_count >= len(quantized) == 14
-    # no projection weight is stored as float (q/k/v/o/gate/up/down shapes; lm_head stays float)
-    assert not float_shapes & {(m.out_features, m.in_features) for m in quantized.values()}
+    # int8 codes, or the uint8 codes + 128 that the exporter may constant-fold for MatMulInteger
+    int_count = sum(1 for t in initializers if t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+                    and len(t.dims) == 2)
+    assert int_count >= len(quantized) == 14
+    # no projection weight is stored as float (q/k/v/o/gate/up/down shapes, either orientation;
+    # lm_head stays float)
+    projection_shapes = {s for m in quantized.values()
+                         for s in ((m.out_features, m.in_features), (m.in_features, m.out_features))}
+    assert not float_shapes & projection_shapes
     lm = OnnxCausalLM(path)
     ids = _ids((2, 9))
     # The graph quantizes activations per token like the op and multiplies integers exactly; fp32
@@ -210,3 +215,16 @@ def test_smollm2_greedy_generate_matches_pytorch(smollm2_export):
     assert torch.equal(got, expected)
     assert "Paris" in lm.tokenizer().decode(got[0, ids.shape[1]:])  # the recorded tokenizer loads
     np.testing.assert_allclose(lm.forward(ids)[0], _logits(model, ids), atol=1e-3, rtol=0)
+
+
+def test_smollm2_colaified_greedy_generate_matches_pytorch_and_file_shrinks(smollm2_export, tmp_path):
+    from colafx.runtime.models import load_model
+
+    _, tokenizer, dense_path = smollm2_export
+    model = colafx.colaify(load_model("smollm2"), rank=0.25, init="svd").eval()  # rank d/4 = 144
+    path = export_onnx(model, tmp_path / "cola.onnx")
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False)
+    assert torch.equal(OnnxCausalLM(path).generate(ids, max_new_tokens=16), expected)
+    # projections at rank d/4 hold ~0.41x the dense parameters; embeddings / lm_head are unchanged
+    assert path.stat().st_size < 0.6 * dense_path.stat().st_size
