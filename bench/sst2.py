@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -49,19 +50,22 @@ def main(argv=None) -> int:
     parser.add_argument("--n-dev", type=int, default=200, help="dev examples evaluated")
     parser.add_argument("--eval-every", type=int, default=50, help="evaluate every N steps")
     parser.add_argument("--seed", type=int, default=0, help="seed of data sampling and perturbations")
-    parser.add_argument("--out", default="bench/results", help="folder for sst2.json / sst2.png and run logs")
+    parser.add_argument("--out", default="bench/results", help="folder for sst2.json / sst2.png")
+    parser.add_argument("--runs-dir", default=None,
+                        help="folder for each run's metrics.jsonl / curve.png / checkpoint (default: a temporary folder)")
     args = parser.parse_args(argv)
 
     from colafx.runtime.finetune import FinetuneConfig, finetune
 
     out = Path(args.out)
+    runs_dir = Path(args.runs_dir or tempfile.mkdtemp(prefix="colafx-sst2-"))  # checkpoints: not in results
     runs = {}
     for name in args.variants:
         method, bits = VARIANTS[name]
         config = FinetuneConfig(model=args.model, data_dir=args.data_dir, method=method, bits=bits, act_bits=args.act_bits,
                                 trainable=args.trainable, steps=args.steps, lr=args.lr, eps=args.eps,
                                 batch_size=args.batch_size, k_shot=args.k_shot, n_dev=args.n_dev,
-                                eval_every=args.eval_every, seed=args.seed, out=str(out / "sst2_runs" / name))
+                                eval_every=args.eval_every, seed=args.seed, out=str(runs_dir / name))
         start = time.perf_counter()
         history = finetune(config)["history"]
         curve = [(r["step"], r["dev_acc"]) for r in history if "dev_acc" in r]
@@ -71,8 +75,8 @@ def main(argv=None) -> int:
         write_json(out, args, runs)
 
     lines = [f"SST-2 dev ({args.n_dev} examples), {args.model}, {args.trainable}, lr {args.lr}, eps {args.eps}, "
-             f"batch {args.batch_size}, {args.steps} steps", "",
-             "| variant | dev acc step 0 | dev acc final | best | s/step |", "|---|---|---|---|---|"]
+             f"batch {args.batch_size}, {args.k_shot}-shot, {args.steps} steps", "",
+             "| variant | dev acc step 0 (zero-shot) | dev acc final | best | s/step (incl. evals) |", "|---|---|---|---|---|"]
     for name, r in runs.items():
         accs = [a for _, a in r["curve"]]
         lines.append(f"| {name} | {accs[0]:.3f} | {accs[-1]:.3f} | {max(accs):.3f} | {r['step_s']:.2f} |")

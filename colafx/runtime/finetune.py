@@ -34,6 +34,8 @@ class FinetuneConfig:
     dev_file: Optional[str] = None
     template: Optional[str] = None       # "classify": e.g. "{sentence} It was"
     label_words: Optional[list] = None   # "classify": e.g. [" terrible", " great"]
+    label_field: str = "label"           # "classify": the column holding the label
+    label_names: Optional[list] = None   # "classify": label strings in label-word order (else int labels)
     method: str = "quzo"
     bits: int = 8
     act_bits: int = 8
@@ -48,6 +50,7 @@ class FinetuneConfig:
     n_queries: int = 1
     same_rounding: bool = False
     schedule: str = "constant"
+    warmup: int = 0                      # ZO: linear LR warmup steps
     batch_size: int = 16
     k_shot: int = 16                     # training examples per class (0: all)
     n_dev: int = 200
@@ -68,11 +71,15 @@ class FinetuneConfig:
             raise ValueError(f"unknown task {self.task!r}; choose sst2, classify or text")
         if self.bits not in (8, 4):
             raise ValueError(f"bits must be 8 or 4, got {self.bits}")
+        if self.warmup < 0:
+            raise ValueError(f"warmup must be >= 0, got {self.warmup}")
         for name in ("steps", "batch_size", "eval_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.task == "classify" and not (self.template and self.label_words and self.train_file):
             raise ValueError("task 'classify' needs train_file, template and label_words")
+        if self.label_names and len(self.label_names) != len(self.label_words or ()):
+            raise ValueError(f"label_names {self.label_names} must match label_words {self.label_words} one to one")
 
 
 def _load(config: FinetuneConfig):
@@ -82,21 +89,36 @@ def _load(config: FinetuneConfig):
         return presets.build(config.preset, seed=config.seed).eval(), tasks.ByteTokenizer()
     from colafx.runtime.models import load_model, load_tokenizer
 
-    return load_model(config.model), load_tokenizer(config.model)
+    model = load_model(config.model)
+    folder = Path(config.model)
+    if folder.is_dir() and not (folder / "config.json").exists():  # a colafx checkpoint
+        from colafx.transform.io import read_record
+
+        saved = read_record(folder).get("metadata", {}).get("config", {})
+        if saved.get("preset") and not (folder / "tokenizer").is_dir():
+            return model, tasks.ByteTokenizer()  # fine-tuned from a preset: byte tokens
+    return model, load_tokenizer(config.model)
 
 
 def _prepare(model, config: FinetuneConfig):
     """Quantize (QuZO), add LoRA adapters, pick the trainable tensors; returns the optimizer."""
     from colafx.runtime.zo import QuZO, zo_targets
+    from colafx.transform.quantize import QuantConfig, quantize_, quantized_modules
 
-    if config.method == "quzo":
-        from colafx.transform.quantize import QuantConfig, quantize_
-
+    done = quantized_modules(model)
+    if done and (config.method == "adamw" or (config.method == "mezo" and config.trainable != "lora")):
+        raise ValueError(f"the model is already quantized: method {config.method!r} cannot train its integer "
+                         "weights (use method='quzo', or method='mezo' with trainable='lora')")
+    if done and {m.bits for m in done.values()} != {config.bits}:
+        raise ValueError(f"the model is quantized to {sorted({m.bits for m in done.values()})} bits, "
+                         f"not bits={config.bits}")
+    if config.method == "quzo" and not done:
         quantize_(model, QuantConfig(config.bits, config.act_bits, config.group_size, zo_headroom=True))
     if config.trainable == "lora":
-        from colafx.runtime.lora import add_lora_
+        from colafx.runtime.lora import LoRALinear, add_lora_
 
-        add_lora_(model, config.lora_rank, config.lora_alpha, config.seed)
+        if not any(isinstance(m, LoRALinear) for m in model.modules()):  # a LoRA checkpoint keeps its adapters
+            add_lora_(model, config.lora_rank, config.lora_alpha, config.seed)
     targets = zo_targets(model, config.trainable)
     if config.method == "adamw":
         for p in model.parameters():
@@ -108,7 +130,7 @@ def _prepare(model, config: FinetuneConfig):
         p.requires_grad_(False)
     return QuZO(targets, lr=config.lr, eps=config.eps, weight_decay=config.weight_decay, method=config.method,
                 n_queries=config.n_queries, same_rounding=config.same_rounding, seed=config.seed,
-                schedule=config.schedule, total_steps=config.steps)
+                schedule=config.schedule, total_steps=config.steps, warmup=config.warmup)
 
 
 def _data(config: FinetuneConfig, tokenizer):
@@ -123,7 +145,8 @@ def _data(config: FinetuneConfig, tokenizer):
             folder = folder / "SST-2"
         train_file, dev_file = config.train_file or folder / "train.tsv", config.dev_file or folder / "dev.tsv"
     else:
-        task = tasks.PromptTask(config.template, tuple(config.label_words))
+        task = tasks.PromptTask(config.template, tuple(config.label_words), config.label_field,
+                                tuple(config.label_names or ()))
         train_file, dev_file = config.train_file, config.dev_file or config.train_file
     train = tasks.sample_per_class(tasks.read_examples(train_file, task), config.k_shot, config.seed)
     dev = tasks.sample_per_class(tasks.read_examples(dev_file, task), 0, config.seed + 1)[: config.n_dev]
@@ -172,7 +195,7 @@ def plot_curve(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def _save_checkpoint(model, optimizer, out: Path, step: int, config: FinetuneConfig) -> None:
+def _save_checkpoint(model, optimizer, out: Path, step: int, config: FinetuneConfig, tokenizer=None) -> None:
     import colafx
     from colafx.transform.io import atomic_write_bytes
 
@@ -184,6 +207,8 @@ def _save_checkpoint(model, optimizer, out: Path, step: int, config: FinetuneCon
     else:
         meta["zo_state"] = optimizer.state_dict()
     colafx.save(model, folder, metadata=meta)
+    if tokenizer is not None and hasattr(tokenizer, "save_pretrained") and not (folder / "tokenizer").is_dir():
+        tokenizer.save_pretrained(str(folder / "tokenizer"))  # so --model OUT/checkpoint works
 
 
 def _resume(model, optimizer, out: Path) -> int:
@@ -248,7 +273,7 @@ def finetune(config: FinetuneConfig) -> dict:
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            loss = float(loss)
+            loss = float(loss.detach())
         else:
             model.eval()
             loss = optimizer.step(lambda: _loss(model, tokenizer, task, batch))
@@ -257,7 +282,7 @@ def finetune(config: FinetuneConfig) -> dict:
         if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
             row.update(_evaluate(model, tokenizer, task, dev))
             bar.write(f"step {step + 1}: " + ", ".join(f"{k}={v:.4f}" for k, v in row.items() if k != "step"))
-            _save_checkpoint(model, optimizer, out, step + 1, config)
+            _save_checkpoint(model, optimizer, out, step + 1, config, tokenizer)
         log(row)
     plot_curve(history, out / "curve.png", f"{config.model or config.preset}: {config.method}")
     final = next(r for r in reversed(history) if "dev_acc" in r or "dev_loss" in r)
@@ -276,6 +301,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dev-file", help="dev TSV/JSONL/.txt (default: the training file)")
     parser.add_argument("--template", help="classify: prompt template with {field} names, e.g. '{sentence} It was'")
     parser.add_argument("--label-words", nargs="+", help="classify: one word per label index, e.g. ' bad' ' good'")
+    parser.add_argument("--label-field", default="label", help="classify: the TSV column / JSON key holding the label")
+    parser.add_argument("--label-names", nargs="+",
+                        help="classify: label strings in --label-words order, e.g. negative positive (default: int labels)")
     parser.add_argument("--method", default="quzo", choices=METHODS,
                         help="quzo: integer weights, forward only; mezo: float, forward only; adamw: backprop")
     parser.add_argument("--bits", type=int, default=8, choices=[8, 4], help="quzo: weight bits")
@@ -293,6 +321,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--same-rounding", action="store_true",
                         help="quzo: reuse the perturbation's rounding in the update (the authors' released code)")
     parser.add_argument("--schedule", default="constant", choices=["constant", "linear", "cosine"], help="LR schedule")
+    parser.add_argument("--warmup", type=int, default=0, help="ZO: linear LR warmup steps before the schedule")
     parser.add_argument("--batch-size", type=int, default=16, help="examples per step")
     parser.add_argument("--k-shot", type=int, default=16, help="training examples per class (0: all)")
     parser.add_argument("--n-dev", type=int, default=200, help="dev examples to evaluate on")

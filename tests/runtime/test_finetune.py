@@ -86,3 +86,32 @@ def test_cli_smollm2_quzo_int8(smollm2_path, data_dir, tmp_path, capsys):
     from colafx.transform.io import read_record
 
     assert "quant" in read_record(out / "checkpoint")["transforms"]
+
+
+def test_checkpoint_is_a_model_to_finetune_again(sst_dir, tmp_path):
+    first = finetune(_cfg(sst_dir, tmp_path / "a", method="quzo", bits=8, steps=2))
+    ckpt = tmp_path / "a" / "checkpoint"
+    again = finetune(_cfg(sst_dir, tmp_path / "b", preset=None, model=str(ckpt), method="quzo", bits=8, steps=2))
+    # the quantized checkpoint is trained as it is (not quantized twice) and starts where the first run ended
+    assert again["history"][0]["dev_acc"] == first["final"]["dev_acc"]
+    assert again["model"].model.layers[0].mlp.up_proj.qweight.dtype == torch.int8
+    with pytest.raises(ValueError, match="already quantized"):
+        finetune(_cfg(sst_dir, tmp_path / "c", preset=None, model=str(ckpt), method="adamw"))
+    with pytest.raises(ValueError, match="quantized to"):
+        finetune(_cfg(sst_dir, tmp_path / "d", preset=None, model=str(ckpt), method="quzo", bits=4))
+
+
+def test_cli_jsonl_classify_with_label_names(tmp_path, capsys):
+    rows = [("the soup was cold", "bad"), ("lovely service", "good"), ("rude staff", "bad"), ("tasty food", "good")]
+    data = tmp_path / "reviews.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "verdict": v}) + "\n" for t, v in rows))
+    args = ["finetune", "--preset", "llama-tiny", "--task", "classify", "--train-file", str(data),
+            "--template", "Review: {text} Verdict:", "--label-words", " no", " yes", "--label-field", "verdict",
+            "--steps", "2", "--batch-size", "2", "--k-shot", "2", "--eval-every", "2", "--lr", "1e-3",
+            "--eps", "1e-2", "--out", str(tmp_path / "o"), "--no-progress"]
+    assert main(args + ["--label-names", "bad", "good"]) == 0
+    assert "dev_acc: step 0" in capsys.readouterr().out
+    rows_out = [json.loads(line) for line in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows_out] == [0, 1, 2]
+    assert main(args + ["--out", str(tmp_path / "p")]) == 1  # string labels without --label-names
+    assert "neither an index nor one of" in capsys.readouterr().err

@@ -115,3 +115,23 @@ def test_bad_arguments(tiny_model):
         zo_targets(tiny_model, "embeddings")
     with pytest.raises(ValueError, match="nothing to train"):
         zo_targets(tiny_model, "cola")
+
+
+def test_cola_trainable_set_moves_only_cola_factors(tiny_model):
+    import colafx
+    from colafx.transform.modules import CoLALinear
+
+    colafx.colaify(tiny_model, rank=8, targets=r".*\.mlp\..*_proj")
+    quantize_(tiny_model, QuantConfig(weight_bits=8, zo_headroom=True))
+    targets = zo_targets(tiny_model, "cola")
+    in_cola = {id(m) for c in tiny_model.modules() if isinstance(c, CoLALinear) for m in c.modules()}
+    assert targets and all(id(t) in in_cola for t in targets)
+    others = {n: m.qweight.clone() for n, m in tiny_model.named_modules()
+              if isinstance(m, QuantLinear) and id(m) not in in_cola}
+    assert others  # attention projections stay outside the trainable set
+    before = [t.qweight.clone() for t in targets]
+    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    opt = QuZO(targets, lr=1e-2, eps=1e-2, seed=0)
+    opt.step(lambda: tiny_model(input_ids=ids, labels=ids).loss)
+    assert any(not torch.equal(b, t.qweight) for b, t in zip(before, targets))
+    assert all(torch.equal(v, tiny_model.get_submodule(n).qweight) for n, v in others.items())
