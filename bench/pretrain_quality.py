@@ -1,6 +1,6 @@
 """Pre-training quality, dense vs CoLA on WikiText-2: (a) equal tokens, (b) equal training FLOPs.
 
-    python bench/pretrain_quality.py /path/to/wikitext-2 [--preset llama-tiny] [--steps 150] [--out bench/results]
+    python bench/pretrain_quality.py /path/to/wikitext-2 [--preset llama-small] [--steps 300] [--out bench/results]
 
 Three runs of ``colafx.runtime.pretrain.train`` share one byte-level BPE and the same data order:
 dense for ``--steps`` steps, CoLA for the same steps (equal tokens), and CoLA for ``--steps`` x the
@@ -30,10 +30,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("wikitext", type=Path, help="WikiText-2 folder with train.txt and valid.txt")
-    parser.add_argument("--preset", default="llama-tiny", choices=presets.names(), help="model size")
+    parser.add_argument("--preset", default="llama-small", choices=presets.names(), help="model size")
     parser.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per step")
-    parser.add_argument("--steps", type=int, default=150, help="steps of the dense and equal-token CoLA runs")
+    parser.add_argument("--steps", type=int, default=300, help="steps of the dense and equal-token CoLA runs")
     parser.add_argument("--lr", type=float, default=None, help="peak LR for all runs (default: the preset's)")
     parser.add_argument("--train-chars", type=int, default=1_500_000, help="characters of train.txt used")
     parser.add_argument("--val-chars", type=int, default=400_000, help="characters of valid.txt used")

@@ -6,6 +6,7 @@ Public API (see README): ``plan``, ``colaify``, ``enable_recompute`` / ``disable
 from __future__ import annotations
 
 import importlib
+import sys
 
 __version__ = "0.1.0"
 
@@ -21,6 +22,12 @@ _LAZY = {
     "QuantConfig": "colafx.transform.quantize",
     "export_onnx": "colafx.runtime.export",
 }
+
+# The compile backend "colafx" reaches Dynamo through the package's entry point on first use. When
+# Dynamo is already loaded, register it now as well (cheap then); importing torch._dynamo just for
+# this would double the import time of colafx.
+if "torch._dynamo" in sys.modules:
+    importlib.import_module("colafx.transform.backend")
 
 __all__ = ["presets", "plan", "Plan", "colaify", "save", "load", *_LAZY]
 

@@ -65,7 +65,7 @@ _PRESETS: dict[str, Preset] = {
         # Test/demo sizes (not from the paper). llama-tiny uses grouped-query attention on purpose.
         Preset("llama-tiny", 64, 176, 2, 4, rank=16, lr=3e-3, steps=200, warmup=20,
                num_kv_heads=2, vocab_size=512, max_position_embeddings=512),
-        Preset("llama-small", 256, 688, 4, 4, rank=64, lr=3e-3, steps=300, warmup=30,
+        Preset("llama-small", 256, 688, 4, 4, rank=64, lr=3e-3, steps=600, warmup=60,
                vocab_size=4096, max_position_embeddings=1024),
     ]
 }

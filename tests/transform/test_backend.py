@@ -34,6 +34,13 @@ def summaries(graphs) -> dict[str, str]:
     return {r.name: r.summary for gm in graphs for r in pass_records(gm)}
 
 
+def python_stdout(code: str) -> list[str]:
+    """Run ``code`` in a fresh interpreter; return its stdout split on whitespace."""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.split()
+
+
 def cola_tiny(layers=2):
     model = presets.build("llama-tiny", seed=0, num_hidden_layers=layers)
     return colafx.colaify(model, rank=16, generator=torch.Generator().manual_seed(0))
@@ -54,11 +61,21 @@ def test_found_by_name_from_a_fresh_interpreter():
             "print(f(torch.zeros(3)).tolist())\n"
             "import colafx.transform.backend as b; b.register(); b.register()\n"
             "from torch._dynamo import list_backends; print('colafx' in list_backends())\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split() == ["[0.0,", "0.0,", "0.0]", "True"]
+    assert python_stdout(code) == ["[0.0,", "0.0,", "0.0]", "True"]
     register()  # idempotent in this process too
     assert torch._dynamo.backends.registry.lookup_backend("colafx") is colafx_backend
+
+
+def test_import_colafx_registers_when_dynamo_is_loaded():
+    """`import colafx` registers "colafx" directly in Dynamo's registry once Dynamo is loaded, and
+    does not load Dynamo itself otherwise."""
+    code = ("import sys, torch._dynamo\n"
+            "from torch._dynamo.backends import registry\n"
+            "print('colafx' in registry._COMPILER_FNS)\n"
+            "import colafx\n"
+            "print('colafx' in registry._COMPILER_FNS)\n")
+    assert python_stdout(code) == ["False", "True"]
+    assert python_stdout("import sys, colafx; print('torch._dynamo' in sys.modules)") == ["False"]
 
 
 def test_options_are_validated():
