@@ -1,5 +1,8 @@
 """onnxruntime CPU latency and file size of SmolLM2-135M exports: dense fp32, CoLA fp32, int8, int4.
 
+int8 and int4 keep the logits head in fp32; int8-head and int4-head quantize it too (untied from
+the embedding, which stays fp32).
+
 Each variant is exported with ``colafx.export_onnx`` (KV cache), checked for greedy-token parity with
 PyTorch ``generate``, then timed side by side: the variants are interleaved in every repeat and the
 median is reported (the machine is shared). Prefill = one call on ``--prefill`` tokens; decode = the
@@ -27,7 +30,7 @@ from colafx.runtime.export import OnnxCausalLM, export_onnx, quantize_for_export
 from colafx.runtime.models import load_model, load_tokenizer
 from colafx.transform.io import atomic_write_bytes, atomic_write_json
 
-VARIANTS = ("dense", "cola", "int8", "int4")
+VARIANTS = ("dense", "cola", "int8", "int8-head", "int4", "int4-head")
 PROMPT = "The capital of France is"
 
 
@@ -37,7 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default="smollm2", help="model to export (a path load_model accepts, or 'smollm2')")
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
                    help="dense: fp32 as loaded; cola: colaified (SVD init) fp32; int8: W8A8 per channel "
-                        "(MatMulInteger); int4: W4A8 groups of 32 (MatMulNBits, accuracy_level 4)")
+                        "(MatMulInteger); int4: W4A8 groups of 32 (MatMulNBits, accuracy_level 4); "
+                        "-head: the logits head quantized too")
     p.add_argument("--rank", type=float, default=0.25, help="CoLA rank of the cola variant, fraction of d_model")
     p.add_argument("--prefill", type=int, default=128, help="prompt tokens of the timed prefill")
     p.add_argument("--decode", type=int, default=16, help="one-token decode calls timed per repeat")
@@ -62,8 +66,8 @@ def build_variant(base: torch.nn.Module, name: str, rank: float) -> torch.nn.Mod
     model = copy.deepcopy(base)
     if name == "cola":
         colafx.colaify(model, rank=rank, init="svd")
-    elif name in ("int8", "int4"):
-        quantize_for_export(model, name)
+    elif name.startswith("int"):
+        quantize_for_export(model, name[:4], head=name.endswith("-head"))
     return model.eval()
 
 
@@ -117,7 +121,7 @@ def main(argv=None) -> int:
         path, export_s = folder / name / "model.onnx", None
         if not (args.reuse and path.is_file() and path.with_suffix(".json").is_file()):
             start = time.perf_counter()
-            export_onnx(model, path, quant=name if name in ("int8", "int4") else None)
+            export_onnx(model, path, quant=name[:4] if name.startswith("int") else None)
             export_s = time.perf_counter() - start
         lm = sessions[name] = OnnxCausalLM(path, threads=args.threads)
         expected = model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids),

@@ -355,7 +355,8 @@ def _has_int8_dot_instructions() -> bool:
     return any(getattr(cpu, name, lambda: False)() for name in probes)
 
 
-_PACKED = None  # WeakTensorKeyDictionary: weight tensor -> (version, oneDNN prepacked weight)
+_PACKED = None  # WeakTensorKeyDictionary: weight tensor -> (version, shape, oneDNN prepacked weight)
+_MUTABLE = (None, None, None)  # cache entry of a weight seen changing in place: never packed to keep
 
 
 def _tensor_version(t: torch.Tensor) -> Optional[int]:
@@ -367,7 +368,12 @@ def _tensor_version(t: torch.Tensor) -> Optional[int]:
 
 
 def _onednn_weight(qw: torch.Tensor, cache_key: Optional[torch.Tensor]) -> torch.Tensor:
-    """oneDNN-prepacked ``qw`` (int8 [N, K]); cached per ``cache_key`` tensor and its version."""
+    """oneDNN-prepacked ``qw`` (int8 [N, K]); cached per ``cache_key`` tensor and its version.
+
+    A weight found changed in place since it was packed (QuZO perturbs its weights before every
+    forward) is not cached again: a kept packed copy would never be reused and would double the
+    weight's memory.
+    """
     global _PACKED
     if cache_key is None:
         return torch.ops.onednn.qlinear_prepack(qw, None)
@@ -381,7 +387,7 @@ def _onednn_weight(qw: torch.Tensor, cache_key: Optional[torch.Tensor]) -> torch
         return hit[2]
     packed = torch.ops.onednn.qlinear_prepack(qw, None)
     if version is not None:
-        _PACKED[cache_key] = (version, qw.shape, packed)
+        _PACKED[cache_key] = _MUTABLE if hit is not None else (version, qw.shape, packed)
     return packed
 
 

@@ -132,6 +132,26 @@ def test_cached_weight_follows_in_place_updates():
     assert rel_err(after, ref) <= REL_TOL[torch.float32]
 
 
+@pytest.mark.skipif(not qmatmul._onednn_available(), reason="torch build without oneDNN int8 ops")
+def test_onednn_cache_keeps_no_copy_of_weights_changed_in_place():
+    """Constant weights stay prepacked; a weight changed in place (ZO) is repacked per call and
+    its packed copy is dropped, so perturbed weights never hold a second copy in memory."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(-127, 128, (3, 64), dtype=torch.int8, generator=gen)
+    const, changing = (torch.randint(-127, 128, (16, 64), dtype=torch.int8, generator=gen) for _ in range(2))
+    for w in (const, changing):
+        int8_gemm_cpu(x, w, backend="onednn", cache_key=w)
+    changing.add_(1)
+    got = int8_gemm_cpu(x, changing, backend="onednn", cache_key=changing)
+    assert torch.equal(got.double(), (x.long() @ changing.long().T).double())
+    assert qmatmul._PACKED[const][2] is not None
+    assert qmatmul._PACKED[changing] == qmatmul._MUTABLE
+    changing.add_(-1)
+    got = int8_gemm_cpu(x, changing, backend="onednn", cache_key=changing)
+    assert torch.equal(got.double(), (x.long() @ changing.long().T).double())
+    assert qmatmul._PACKED[changing] == qmatmul._MUTABLE
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_gradient_wrt_x_is_straight_through(bits):
     x, qw, b = _case(7, 64, bits, 32)

@@ -15,7 +15,7 @@ import colafx
 from colafx import presets
 from colafx.cli import main
 from colafx.runtime.export import OnnxCausalLM, export_onnx, quantize_for_export
-from colafx.transform.quantize import QuantConfig, quantize_, quantized_modules
+from colafx.transform.quantize import QuantConfig, QuantLinear, quantize_, quantized_modules
 
 
 def _ids(shape, vocab=512, seed=1):
@@ -143,6 +143,29 @@ def test_int8_export_uses_matmulinteger_and_matches_pytorch_int8(int8_export):
     np.testing.assert_allclose(lm.forward(ids)[0], _logits(model, ids), atol=1e-3, rtol=0)
     expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
     assert torch.equal(lm.generate(ids, 8), expected)
+
+
+def test_int8_export_with_quantized_head_untied_from_a_tied_embedding(int8_export, tmp_path, capsys):
+    """--quant-head: the logits head becomes one more MatMulInteger; a tied embedding stays float."""
+    _, body_only_path = int8_export
+    model = presets.build("llama-tiny", seed=0, tie_word_embeddings=True).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    quantize_for_export(model, "int8", head=True)
+    assert isinstance(model.lm_head, QuantLinear) and not model.config.tie_word_embeddings
+    assert model.model.embed_tokens.weight.dtype == torch.float32
+    colafx.save(model, tmp_path / "ckpt")
+    path = export_onnx(colafx.load(tmp_path / "ckpt"), tmp_path / "m.onnx", quant="int8")
+
+    def matmul_integers(p):
+        return sum(n.op_type == "MatMulInteger" for n in onnx.load(str(p)).graph.node)
+    assert matmul_integers(path) == matmul_integers(body_only_path) + 1
+    ids = _ids((2, 9))
+    np.testing.assert_allclose(OnnxCausalLM(path).forward(ids)[0], _logits(model, ids), atol=1e-3, rtol=0)
+    expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
+    assert torch.equal(OnnxCausalLM(path).generate(ids, 8), expected)
+    assert main(["export", "--model", str(tmp_path / "ckpt"), "--out", str(tmp_path / "x.onnx"),
+                 "--quant-head"]) == 1
+    assert "--quant-head needs --quant" in capsys.readouterr().err
 
 
 def test_int4_export_uses_matmulnbits_and_matches_pytorch_int4(tmp_path):
