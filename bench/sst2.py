@@ -43,6 +43,9 @@ def main(argv=None) -> int:
                         help="train all projections or LoRA adapters on the frozen (quantized) base")
     parser.add_argument("--lr", type=float, default=1e-4, help="learning rate (same for every variant)")
     parser.add_argument("--eps", type=float, default=1e-3, help="ZO perturbation scale")
+    parser.add_argument("--objective", default="candidates", choices=["vocab", "candidates"],
+                        help="loss: cross-entropy over the label words ('candidates', MeZO's "
+                             "train_as_classification) or over the vocabulary ('vocab')")
     parser.add_argument("--act-bits", type=int, default=8, choices=[8, 16],
                         help="QuZO activation bits (8: int8 GEMM; 16: weight-only)")
     parser.add_argument("--batch-size", type=int, default=16, help="examples per step")
@@ -63,7 +66,7 @@ def main(argv=None) -> int:
     for name in args.variants:
         method, bits = VARIANTS[name]
         config = FinetuneConfig(model=args.model, data_dir=args.data_dir, method=method, bits=bits, act_bits=args.act_bits,
-                                trainable=args.trainable, steps=args.steps, lr=args.lr, eps=args.eps,
+                                trainable=args.trainable, objective=args.objective, steps=args.steps, lr=args.lr, eps=args.eps,
                                 batch_size=args.batch_size, k_shot=args.k_shot, n_dev=args.n_dev,
                                 eval_every=args.eval_every, seed=args.seed, out=str(runs_dir / name))
         start = time.perf_counter()
@@ -75,7 +78,7 @@ def main(argv=None) -> int:
         write_json(out, args, runs)
 
     lines = [f"SST-2 dev ({args.n_dev} examples), {args.model}, {args.trainable}, lr {args.lr}, eps {args.eps}, "
-             f"batch {args.batch_size}, {args.k_shot}-shot, {args.steps} steps", "",
+             f"batch {args.batch_size}, {args.k_shot}-shot, {args.steps} steps, objective {args.objective}", "",
              "| variant | dev acc step 0 (zero-shot) | dev acc final | best | s/step (incl. evals) |", "|---|---|---|---|---|"]
     for name, r in runs.items():
         accs = [a for _, a in r["curve"]]

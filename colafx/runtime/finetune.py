@@ -36,6 +36,7 @@ class FinetuneConfig:
     label_words: Optional[list] = None   # "classify": e.g. [" terrible", " great"]
     label_field: str = "label"           # "classify": the column holding the label
     label_names: Optional[list] = None   # "classify": label strings in label-word order (else int labels)
+    objective: str = "vocab"             # sst2/classify loss: "vocab" (label-word LM loss) or "candidates"
     method: str = "quzo"
     bits: int = 8
     act_bits: int = 8
@@ -71,6 +72,8 @@ class FinetuneConfig:
             raise ValueError(f"unknown task {self.task!r}; choose sst2, classify or text")
         if self.bits not in (8, 4):
             raise ValueError(f"bits must be 8 or 4, got {self.bits}")
+        if self.objective not in tasks.OBJECTIVES:
+            raise ValueError(f"unknown objective {self.objective!r}; choose one of {tasks.OBJECTIVES}")
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
         for name in ("steps", "batch_size", "eval_every"):
@@ -159,10 +162,10 @@ def _batch(train, config: FinetuneConfig, step: int):
     return train[torch.tensor(idx)] if isinstance(train, torch.Tensor) else [train[i] for i in idx]
 
 
-def _loss(model, tokenizer, task, batch) -> torch.Tensor:
+def _loss(model, tokenizer, task, batch, objective: str) -> torch.Tensor:
     if task is None:
         return tasks.text_loss(model, batch)
-    return tasks.label_loss(model, tokenizer, task, batch)
+    return tasks.label_loss(model, tokenizer, task, batch, objective)
 
 
 @torch.no_grad()
@@ -267,7 +270,7 @@ def finetune(config: FinetuneConfig) -> dict:
         batch = _batch(train, config, step)
         if isinstance(optimizer, torch.optim.Optimizer):
             model.train()
-            loss = _loss(model, tokenizer, task, batch)
+            loss = _loss(model, tokenizer, task, batch, config.objective)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"step {step}: loss is {float(loss)}; lower the LR")
             loss.backward()
@@ -276,7 +279,7 @@ def finetune(config: FinetuneConfig) -> dict:
             loss = float(loss.detach())
         else:
             model.eval()
-            loss = optimizer.step(lambda: _loss(model, tokenizer, task, batch))
+            loss = optimizer.step(lambda: _loss(model, tokenizer, task, batch, config.objective))
         bar.set_postfix(loss=f"{loss:.4f}")
         row = {"step": step + 1, "loss": loss, "time_s": time.perf_counter() - t0}
         if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
@@ -304,6 +307,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--label-field", default="label", help="classify: the TSV column / JSON key holding the label")
     parser.add_argument("--label-names", nargs="+",
                         help="classify: label strings in --label-words order, e.g. negative positive (default: int labels)")
+    parser.add_argument("--objective", default="vocab", choices=list(tasks.OBJECTIVES),
+                        help="sst2/classify loss: 'vocab' = cross-entropy of the gold label word over the "
+                             "vocabulary (the papers'), 'candidates' = cross-entropy over the label words only")
     parser.add_argument("--method", default="quzo", choices=METHODS,
                         help="quzo: integer weights, forward only; mezo: float, forward only; adamw: backprop")
     parser.add_argument("--bits", type=int, default=8, choices=[8, 4], help="quzo: weight bits")

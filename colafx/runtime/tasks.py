@@ -205,8 +205,39 @@ def _mean_per_row(values: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Ten
     return total / count
 
 
-def label_loss(model: nn.Module, tokenizer, task: PromptTask, examples: list[Example]) -> torch.Tensor:
-    """Mean cross-entropy of the gold label words (per-example mean over the word's tokens)."""
+OBJECTIVES = ("vocab", "candidates")
+
+
+def candidate_scores(model: nn.Module, tokenizer, task: PromptTask, examples: list[Example]) -> torch.Tensor:
+    """Score [n, n_labels] of every label word per example: its mean token log-probability."""
+    prompts = [task.prompt(e) for e in examples]
+    n, c = len(examples), len(task.label_words)
+    words = [tokenizer.encode(w, add_special_tokens=False) for w in task.label_words]
+    if all(len(w) == 1 for w in words):  # one forward: every candidate is read at the same position
+        logits = scored_logits(model, encode_pairs(tokenizer, prompts, [task.label_words[0]] * n))
+        return F.log_softmax(logits.float(), dim=-1)[:, [w[0] for w in words]]
+    batch = encode_pairs(tokenizer, [p for p in prompts for _ in range(c)], list(task.label_words) * n)
+    logp, rows = target_logprobs(model, batch)
+    return _mean_per_row(logp, rows, n * c).view(n, c)
+
+
+def label_loss(model: nn.Module, tokenizer, task: PromptTask, examples: list[Example],
+               objective: str = "vocab") -> torch.Tensor:
+    """Training loss of a prompt-based classification batch.
+
+    ``objective="vocab"``: mean cross-entropy of the gold label word over the whole vocabulary
+    (per-example mean over the word's tokens; the QuZO / MeZO papers' language-model loss).
+    ``"candidates"``: cross-entropy over the label words only, scored as in :func:`predict` (MeZO's
+    ``train_as_classification``): it trains the decision itself, not the words' overall likelihood.
+
+    Raises:
+        ValueError: unknown ``objective``.
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; choose one of {OBJECTIVES}")
+    if objective == "candidates":
+        gold = torch.tensor([e.label for e in examples])
+        return F.cross_entropy(candidate_scores(model, tokenizer, task, examples), gold)
     batch = encode_pairs(tokenizer, [task.prompt(e) for e in examples], [task.label_words[e.label] for e in examples])
     logp, rows = target_logprobs(model, batch)
     return -_mean_per_row(logp, rows, len(examples)).mean()
@@ -215,15 +246,7 @@ def label_loss(model: nn.Module, tokenizer, task: PromptTask, examples: list[Exa
 @torch.no_grad()
 def predict(model: nn.Module, tokenizer, task: PromptTask, examples: list[Example]) -> torch.Tensor:
     """Predicted label per example: the candidate word with the highest mean token log-prob."""
-    prompts = [task.prompt(e) for e in examples]
-    n, c = len(examples), len(task.label_words)
-    words = [tokenizer.encode(w, add_special_tokens=False) for w in task.label_words]
-    if all(len(w) == 1 for w in words):  # one forward: every candidate is read at the same position
-        logits = scored_logits(model, encode_pairs(tokenizer, prompts, [task.label_words[0]] * n))
-        return logits[:, [w[0] for w in words]].argmax(dim=1)
-    batch = encode_pairs(tokenizer, [p for p in prompts for _ in range(c)], list(task.label_words) * n)
-    logp, rows = target_logprobs(model, batch)
-    return _mean_per_row(logp, rows, n * c).view(n, c).argmax(dim=1)
+    return candidate_scores(model, tokenizer, task, examples).argmax(dim=1)
 
 
 def accuracy(model: nn.Module, tokenizer, task: PromptTask, examples: list[Example], batch_size: int = 32) -> float:

@@ -67,6 +67,8 @@ def test_text_task(tmp_path):
 def test_bad_config_is_a_clear_error(tmp_path, capsys, sst_dir):
     with pytest.raises(ValueError, match="unknown method"):
         finetune(_cfg(sst_dir, tmp_path, method="sgd"))
+    with pytest.raises(ValueError, match="unknown objective 'accuracy'"):
+        finetune(_cfg(sst_dir, tmp_path, objective="accuracy"))
     assert main(["finetune", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 1
     assert "does not exist" in capsys.readouterr().err
     assert main(["finetune", "--preset", "llama-tiny", "--data-dir", str(tmp_path / "none"),
@@ -78,7 +80,8 @@ def test_cli_smollm2_quzo_int8(smollm2_path, data_dir, tmp_path, capsys):
     out = tmp_path / "smol"
     code = main(["finetune", "--model", str(smollm2_path), "--task", "sst2", "--data-dir", str(data_dir),
                  "--method", "quzo", "--bits", "8", "--steps", "1", "--batch-size", "2", "--n-dev", "4",
-                 "--eval-every", "1", "--lr", "1e-6", "--out", str(out), "--no-progress"])
+                 "--eval-every", "1", "--lr", "1e-6", "--objective", "candidates", "--out", str(out),
+                 "--no-progress"])
     assert code == 0
     assert "dev_acc: step 0" in capsys.readouterr().out
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -77,6 +77,25 @@ def test_label_loss_and_predict_match_full_logits(tiny_model):
     assert acc == pytest.approx(sum(int(p == e.label) for p, e in zip(pred.tolist(), exs)) / 3)
 
 
+@pytest.mark.parametrize("words", [(" bad", " good"), ("-", "+")], ids=["multi-token", "one-token"])
+def test_candidates_objective_is_cross_entropy_over_label_word_scores(tiny_model, words):
+    """objective="candidates": CE over the mean log-probs of the label words (both code paths)."""
+    task = tasks.PromptTask("{text} Overall:", words)
+    tok = tasks.ByteTokenizer()
+    exs = [tasks.Example({"text": "a fine, warm film"}, 1), tasks.Example({"text": "no"}, 0),
+           tasks.Example({"text": "long and tedious to watch"}, 1)]
+    with torch.no_grad():
+        scores = torch.stack([torch.stack([_reference_logprobs(tiny_model, tok, task.prompt(e), w).mean()
+                                           for w in words]) for e in exs])
+        ref = F.cross_entropy(scores, torch.tensor([e.label for e in exs]))
+        loss = tasks.label_loss(tiny_model, tok, task, exs, objective="candidates")
+        got_scores = tasks.candidate_scores(tiny_model, tok, task, exs)
+    torch.testing.assert_close(got_scores.double(), scores, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown objective 'mse'"):
+        tasks.label_loss(tiny_model, tok, task, exs, objective="mse")
+
+
 def test_text_loss_matches_hf(tiny_model):
     ids = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
