@@ -395,13 +395,16 @@ def run_cli(args: argparse.Namespace) -> int:
 
     if not str(args.out).endswith(".onnx"):
         raise ValueError(f"--out must name a .onnx file, got {args.out!r}")
+    if args.quant_head and not args.quant:
+        raise ValueError("--quant-head needs --quant int8 or --quant int4")
     model = load_model(args.model)
     try:
         tokenizer = load_tokenizer(args.model)
     except FileNotFoundError:
         tokenizer = None
-    if args.quant_head and not args.quant:
-        raise ValueError("--quant-head needs --quant int8 or --quant int4")
+    if args.quant_head and _is_quantized(model) and not _is_quantized(model.get_output_embeddings()):
+        raise ValueError(f"--quant-head: {args.model} is already quantized with a float logits head; "
+                         "export it without --quant-head, or start from the float model")
     if args.quant and not _is_quantized(model):
         quantize_for_export(model, args.quant, head=args.quant_head)
     path = export_onnx(model, args.out, quant=args.quant, kv_cache=not args.no_kv_cache, dtype=args.dtype,
@@ -431,6 +434,7 @@ def quantize_for_export(model: nn.Module, quant: str, head: bool = False) -> nn.
         raise ValueError(f"unknown quant {quant!r}; choose 'int8' or 'int4'")
     config = QuantConfig(weight_bits=8, act_bits=8) if quant == "int8" else \
         QuantConfig(weight_bits=4, act_bits=8, group_size=32)
+    quantize_(model, config, filter_fn=(lambda module, fqn: True) if head else None)
     if head and getattr(model.config, "tie_word_embeddings", False):
         model.config.tie_word_embeddings = False  # keep HF from re-tying the new head to the embedding
-    return quantize_(model, config, filter_fn=(lambda module, fqn: True) if head else None)
+    return model

@@ -166,6 +166,10 @@ def test_int8_export_with_quantized_head_untied_from_a_tied_embedding(int8_expor
     assert main(["export", "--model", str(tmp_path / "ckpt"), "--out", str(tmp_path / "x.onnx"),
                  "--quant-head"]) == 1
     assert "--quant-head needs --quant" in capsys.readouterr().err
+    colafx.save(quantize_for_export(presets.build("llama-tiny", seed=0), "int8"), tmp_path / "body-only")
+    assert main(["export", "--model", str(tmp_path / "body-only"), "--out", str(tmp_path / "y.onnx"),
+                 "--quant", "int8", "--quant-head"]) == 1
+    assert "already quantized with a float logits head" in capsys.readouterr().err
 
 
 def test_int4_export_uses_matmulnbits_and_matches_pytorch_int4(tmp_path):
