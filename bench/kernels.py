@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from colafx.kernels import int4_linear, int8_linear, quantize_act_int8, quantize_weight
 from colafx.kernels.qmatmul import cpu_int8_backend, int8_gemm_cpu, set_cpu_int8_backend
+from colafx.transform.quantize import sqnr_db
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -90,12 +91,6 @@ def llama_like(tokens: int, d: int, seed: int):
     return x, w
 
 
-def sqnr_db(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """10·log10(‖expected‖² / ‖actual − expected‖²), in float64."""
-    a, e = actual.double(), expected.double()
-    return float(10 * torch.log10(e.pow(2).sum() / (a - e).pow(2).sum()))
-
-
 def cpu_rows(args) -> list[dict]:
     """Interleaved timings of fp32 F.linear vs W8A8 (and the bare GEMMs) for every shape."""
     rows = []
@@ -134,11 +129,11 @@ def sqnr_rows(args, device="cpu") -> list[dict]:
         g = args.group_size
         rows.append({
             "d": d,
-            "w8a8": sqnr_db(int8_linear(x, q8.qweight, q8.scale), ref),
-            "w8a16": sqnr_db(int8_linear(x, q8.qweight, q8.scale, act_bits=16), ref),
-            "w4a8_channel": sqnr_db(int4_linear(x, q4c.qweight, q4c.scale), ref),
-            f"w4a8_g{g}": sqnr_db(int4_linear(x, q4g.qweight, q4g.scale, group_size=g), ref),
-            f"w4a16_g{g}": sqnr_db(int4_linear(x, q4g.qweight, q4g.scale, group_size=g, act_bits=16), ref),
+            "w8a8": sqnr_db(ref, int8_linear(x, q8.qweight, q8.scale)),
+            "w8a16": sqnr_db(ref, int8_linear(x, q8.qweight, q8.scale, act_bits=16)),
+            "w4a8_channel": sqnr_db(ref, int4_linear(x, q4c.qweight, q4c.scale)),
+            f"w4a8_g{g}": sqnr_db(ref, int4_linear(x, q4g.qweight, q4g.scale, group_size=g)),
+            f"w4a16_g{g}": sqnr_db(ref, int4_linear(x, q4g.qweight, q4g.scale, group_size=g, act_bits=16)),
         })
     return rows
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from colafx.kernels import dequantize_weight, int4_linear, int8_linear, quantize_weight
 from colafx.kernels.qmatmul import cpu_int8_backend
+from colafx.transform.quantize import sqnr_db
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--dims", type=int, nargs="+", default=[576, 2048], help="weight sizes d (W is [d, d])")
@@ -24,11 +25,6 @@ parser.add_argument("--threads", type=int, default=1, help="torch intra-op threa
 args = parser.parse_args()
 torch.set_num_threads(args.threads)
 gen = torch.Generator().manual_seed(0)
-
-
-def sqnr_db(actual, expected):
-    """Signal-to-quantization-noise ratio in dB (higher is better)."""
-    return (10 * torch.log10(expected.pow(2).sum() / (actual - expected).pow(2).sum())).item()
 
 
 def ms(fn, calls=5):
@@ -61,7 +57,7 @@ for name, out in (("W8A8", int8_linear(x, q8.qweight, q8.scale)),
                   ("W8A16", int8_linear(x, q8.qweight, q8.scale, act_bits=16)),
                   ("W4A8", int4_linear(x, q4.qweight, q4.scale, group_size=32)),
                   ("W4A16", int4_linear(x, q4.qweight, q4.scale, group_size=32, act_bits=16))):
-    print(f"{name:6s} SQNR vs fp32: {sqnr_db(out, ref):5.1f} dB")
+    print(f"{name:6s} SQNR vs fp32: {sqnr_db(ref, out):5.1f} dB")
 
 # 4. CPU speed of W8A8 next to fp32 F.linear (see bench/kernels.py for the full, interleaved sweep).
 print(f"\nCPU int8 GEMM backend: {cpu_int8_backend()}, {args.threads} thread(s)")
