@@ -20,13 +20,13 @@ COMMANDS = {
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``colafx plan``."""
     from colafx import presets
+    from colafx.transform.colaify import RANK_HELP
 
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--preset", choices=presets.names(), help="plan a preset (built on the meta device: no memory)")
     src.add_argument("--model", help="plan a Hugging Face model folder or colafx checkpoint")
-    parser.add_argument("--rank", type=_rank_arg, default=None,
-                        help="CoLA rank: an int, or a float fraction of d_model (default: the preset's paper "
-                             "rank, else 0.25)")
+    parser.add_argument("--rank", action="append", default=None, metavar="[ROLE=]R",
+                        help=RANK_HELP + " (default: the preset's paper rank, else 0.25)")
     parser.add_argument("--act", choices=["silu", "identity"], default="silu", help="bottleneck activation")
     parser.add_argument("--seq-len", type=int, default=256, help="sequence length for attention FLOPs (default 256)")
     parser.add_argument("--exclude", nargs="*", default=None, help="module names or suffixes to keep dense")
@@ -36,29 +36,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run_cli(args: argparse.Namespace) -> int:
     """Run ``colafx plan``: print the plan table and totals."""
     from colafx import presets
-    from colafx.transform.colaify import plan
+    from colafx.transform.colaify import parse_rank, plan
 
+    rank = parse_rank(args.rank) if args.rank else None
     if args.preset:
         model = presets.build(args.preset, device="meta")
-        rank = args.rank if args.rank is not None else presets.get(args.preset).rank
+        rank = rank if rank is not None else presets.get(args.preset).rank
     else:
         from colafx.runtime.models import load_model
 
         model = load_model(args.model)
-        rank = args.rank if args.rank is not None else 0.25
+        rank = rank if rank is not None else 0.25
     p = plan(model, rank=rank, act=args.act, exclude=args.exclude, seq_len=args.seq_len)
     print(p.summary() if args.summary else p.table())
     return 0
-
-
-def _rank_arg(text: str) -> int | float:
-    try:
-        return int(text)
-    except ValueError:
-        try:
-            return float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"rank must be an int or a float, got {text!r}") from None
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

@@ -25,3 +25,17 @@ def test_bad_rank_is_a_clear_error(capsys):
 def test_console_script_help():
     out = subprocess.run([sys.executable, "-m", "colafx.cli", "plan", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--rank" in out.stdout and "--seq-len" in out.stdout
+
+
+def test_rank_rules_on_the_command_line(capsys):
+    from colafx.transform.colaify import parse_rank
+
+    assert parse_rank(["0.5", "k=96", "v=96"]) == {"default": 0.5, "k": 96, "v": 96}
+    assert parse_rank(["128"]) == 128
+    assert main(["plan", "--preset", "llama-tiny", "--rank", "0.5", "--rank", "k=8", "--rank", "v=8"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if "model.layers.0." in line]
+    assert {r[0].rsplit(".", 1)[-1]: r[3] for r in rows} == {
+        "q_proj": "32", "k_proj": "8", "v_proj": "8", "o_proj": "32", "gate_proj": "32", "up_proj": "32",
+        "down_proj": "32"}
+    assert main(["plan", "--preset", "llama-tiny", "--rank", "k=x"]) == 1
+    assert "rank must be an int, a float or ROLE=VALUE" in capsys.readouterr().err

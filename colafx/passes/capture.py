@@ -1,7 +1,8 @@
 """Capture a model as an ATen-level FX graph with ``torch.export`` (non-strict, no KV cache).
 
 Hugging Face causal LMs get example inputs built from their config; any other ``nn.Module`` passes
-``example_inputs``. Capture runs on fake tensors, so models on the ``meta`` device work too.
+``example_inputs``. Capture runs on fake tensors without autograd, so models on the ``meta`` device
+work too.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ class Captured:
     param_names: dict[str, str]  # placeholder node name -> parameter FQN
     num_tokens: int  # tokens in the example batch (FLOPs are reported per token)
     exported: torch.export.ExportedProgram
+    seq_len: int = 1  # sequence length of the token input
 
 
 def is_hf_causal_lm(model: nn.Module) -> bool:
@@ -82,25 +84,41 @@ def capture(model: nn.Module, example_inputs: Any = None, seq_len: int = 256) ->
     was_training = model.training
     model.eval()
     try:
-        exported = torch.export.export(model, args, kwargs=kwargs, strict=False)
+        # Without autograd: discovery needs the forward only, and some attention kernels
+        # (FlexAttention on the CPU) refuse to trace when a backward could be asked for.
+        with torch.no_grad():
+            exported = torch.export.export(model, args, kwargs=kwargs, strict=False)
     except Exception as err:  # export raises many exception types; keep the cause attached
         raise ValueError(f"could not capture {type(model).__name__} with torch.export: {err}") from err
     finally:
         model.train(was_training)
     sig = exported.graph_signature
     param_names = dict(sig.inputs_to_parameters)
-    return Captured(exported.graph_module.graph, param_names, _count_tokens(args, kwargs), exported)
+    tokens = _token_input(args, kwargs)
+    return Captured(exported.graph_module.graph, param_names, _count_tokens(tokens), exported, _seq_len(tokens))
 
 
-def _count_tokens(args: tuple, kwargs: dict) -> int:
+def _token_input(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The tensor that carries the tokens: ``input_ids`` / ``inputs_embeds``, else the first tensor
+    the caller passed (never a buffer of the model, such as a RoPE cache)."""
     first = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
     if first is None:
         first = next((a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)), None)
+    return first
+
+
+def _count_tokens(first: torch.Tensor | None) -> int:
     if first is None:
         return 1
     if first.dim() >= 3:  # embeddings: [batch, seq, d]
         return int(first.shape[0] * first.shape[1])
     return int(first.numel())
+
+
+def _seq_len(first: torch.Tensor | None) -> int:
+    if first is None or first.dim() == 0:
+        return 1
+    return int(first.shape[1] if first.dim() >= 2 else first.shape[0])
 
 
 def _model_device(model: nn.Module) -> torch.device:

@@ -9,8 +9,17 @@ flows around it, never from module names:
 * ``gate`` / ``up`` (or a fused ``gate_up``): the two branches of a gated activation
   ``act(gate(x)) * up(x)``; ``up`` also names the input of a plain ``down(act(up(x)))`` MLP;
 * ``down``: consumes the MLP activation;
+* ``router``: feeds a ``topk`` (through softmax / sigmoid / elementwise ops): a mixture-of-experts
+  router, kept dense;
 * ``lm_head``: its output reaches the graph output without passing another projection;
+* ``experts``: stacked 3-D expert weights of a mixture-of-experts block (reported, kept dense);
 * ``other``: anything else (left dense by default).
+
+An *activation* is any elementwise function of one tensor (``silu``, ``gelu`` written out as
+``0.5·x·(1 + tanh(…))``, ``relu(x)**2``, piecewise ``where`` …); an attention core is
+``scaled_dot_product_attention``, ``flex_attention``, or a score matmul (``matmul`` / ``bmm`` /
+``einsum``) followed, through any chain of elementwise ops (scaling, soft-capping, ``where`` /
+``masked_fill`` masking, sinks), by a softmax whose output meets the values in a second matmul.
 
 Works on ATen graphs from ``torch.export`` and on torch-level graphs from Dynamo.
 """
@@ -27,13 +36,13 @@ ATTN_INPUT_ROLES = ("q", "k", "v", "qk", "qv", "kv", "qkv")
 ATTN_ROLES = ATTN_INPUT_ROLES + ("o",)
 MLP_ROLES = ("gate", "up", "gate_up", "down")
 BLOCK_ROLES = ATTN_ROLES + MLP_ROLES
-ALL_ROLES = BLOCK_ROLES + ("lm_head", "other")
+ALL_ROLES = BLOCK_ROLES + ("router", "lm_head", "experts", "other")
 
 _LINEAR = {"linear"}
-_MATMUL = {"matmul", "mm", "bmm", "addmm", "einsum"}
+_MATMUL = {"matmul", "mm", "bmm", "addmm", "baddbmm", "einsum"}
 _SDPA = {"scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu",
          "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
-         "_scaled_dot_product_cudnn_attention", "_flash_attention_forward"}
+         "_scaled_dot_product_cudnn_attention", "_flash_attention_forward", "flex_attention"}
 _SOFTMAX = {"softmax", "_softmax", "_safe_softmax", "log_softmax"}
 _ACTIVATIONS = {"silu", "gelu", "relu", "sigmoid", "tanh", "mish", "softplus", "elu", "leaky_relu",
                 "hardswish", "relu6", "selu", "celu"}
@@ -45,6 +54,16 @@ _DATA_MOVEMENT = {
     "native_dropout", "feature_dropout", "flatten", "unflatten", "detach", "lift_fresh_copy",
     "repeat_interleave", "_reshape_alias", "as_strided", "movedim", "expand_as", "view_as",
 }
+# Elementwise ops: an activation is any chain of these (and data movement) applied to one tensor.
+_ELEMENTWISE = _ACTIVATIONS | {
+    "add", "sub", "rsub", "mul", "div", "truediv", "floordiv", "pow", "neg", "exp", "exp2", "log",
+    "log1p", "expm1", "sqrt", "rsqrt", "abs", "reciprocal", "square", "sign", "sin", "cos", "erf",
+    "erfc", "where", "masked_fill", "clamp", "clamp_min", "clamp_max", "clip", "maximum", "minimum",
+    "fmax", "fmin", "gt", "lt", "ge", "le", "eq", "ne", "logical_not", "logical_and", "logical_or",
+    "hardtanh", "hardsigmoid", "logsigmoid", "softsign", "tanhshrink", "threshold", "gelu_tanh",
+    "copy", "nan_to_num",
+}
+_AFFINE = {"add", "sub", "rsub", "mul", "div", "truediv", "neg"}  # linear unless both sides vary
 _SPLITS = {"split", "split_with_sizes", "chunk", "unbind", "getitem", "slice", "narrow", "select"}
 _MAX_WALK = 400  # bound on the nodes one dataflow walk may visit
 
@@ -61,10 +80,11 @@ class Site:
     bias: bool
     rows_per_token: float = 1.0  # how many rows per input token go through this projection
     node: str = field(default="", repr=False)  # FX node name, for debugging
+    count: int = 1  # matrices in the weight: > 1 for stacked 3-D expert weights ([experts, d_out, d_in])
 
     @property
     def flops_per_token(self) -> float:
-        """Forward FLOPs per token (multiply-adds count 2)."""
+        """Forward FLOPs per token (multiply-adds count 2; 0 for experts, whose routing is data-dependent)."""
         return 2.0 * self.d_in * self.d_out * self.rows_per_token
 
 
@@ -189,29 +209,43 @@ class Discovery:
         return found
 
     def _branch_source(self, node):
-        """Walk up a gated-MLP branch through data movement and activations.
+        """If ``node`` is an elementwise function of one projection's output, return
+        ``(projection, nonlinear, split_path)``, else ``None``.
 
-        Returns ``(projection, went_through_activation, split_path)`` or ``None``.
+        Walks up through data movement and elementwise ops; every leaf must be that one projection
+        (reached through the same splits) or a constant. ``nonlinear`` is True when the walk passed
+        an op that is not data movement or affine in it (``x * sigmoid(x)``, ``tanh``, ``x ** 2`` …).
         """
-        act, splits = False, []
-        for _ in range(64):
-            if not isinstance(node, fx.Node):
-                return None
-            if node in self.linears:
-                return node, act, tuple(splits)
-            name = op_name(node)
-            if name in _ACTIVATIONS:
-                act = True
-            elif name == "mul" and _is_sigmoid_gate(node):  # x * sigmoid(x) written out
-                act = True
-                node = next(a for a in node.args if isinstance(a, fx.Node) and op_name(a) != "sigmoid")
+        sources, nonlinear, seen = set(), False, set()
+        stack = [(node, ())]
+        while stack:
+            cur, splits = stack.pop()
+            if not isinstance(cur, fx.Node) or (cur, splits) in seen:
                 continue
-            elif name in _SPLITS:
-                splits.append((op_name(node), _split_key(node)))
-            elif name not in _DATA_MOVEMENT:
+            seen.add((cur, splits))
+            if len(seen) > 96:
                 return None
-            node = node.args[0] if node.args else None
-        return None
+            if cur in self.linears:
+                sources.add((cur, splits))
+                continue
+            if _is_constant(cur):
+                continue
+            name = op_name(cur)
+            if name in _SPLITS:
+                splits = splits + ((name, _split_key(cur)),)
+            elif name not in _DATA_MOVEMENT | _ELEMENTWISE:
+                return None
+            varying = [a for a in cur.all_input_nodes if not _is_constant(a)]
+            if name in _ELEMENTWISE and (name not in _AFFINE or len(varying) > 1):
+                nonlinear = True
+            if name in _SPLITS or name in _DATA_MOVEMENT:
+                stack.append((cur.args[0], splits))
+            else:
+                stack.extend((a, splits) for a in cur.all_input_nodes)
+        if len(sources) != 1:
+            return None
+        (lin, splits), = sources
+        return lin, nonlinear, tuple(reversed(splits))
 
     def _reaches_output_only(self, start: fx.Node) -> bool:
         seen, queue, reached = set(), collections.deque(start.users), False
@@ -245,31 +279,44 @@ class Discovery:
                     cores.append(core)
         return cores
 
+    def _is_activation_matmul(self, node) -> bool:
+        return (isinstance(node, fx.Node) and op_name(node) in _MATMUL and node not in self.linears
+                and _matmul_operands(node) is not None)
+
     def _softmax_core(self, softmax: fx.Node):
-        scores = softmax.args[0]
-        for _ in range(16):  # walk up through scaling, masking and casts to q·kᵀ
-            if not isinstance(scores, fx.Node):
-                return None
-            if op_name(scores) in _MATMUL and scores not in self.linears:
-                break
-            if op_name(scores) not in _DATA_MOVEMENT | {"mul", "div", "add", "sub", "masked_fill", "where"}:
-                return None
-            scores = scores.args[0]
-        else:
-            return None
-        probs, queue = None, collections.deque(softmax.users)
-        for _ in range(16):
-            if not queue:
-                break
+        """q·kᵀ → (any elementwise chain: scale, soft-cap, mask, sinks) → softmax → (casts,
+        dropout, slices) → probs·v."""
+        scores, seen, queue = None, set(), collections.deque([softmax.args[0]])
+        while queue and len(seen) < 64:
             node = queue.popleft()
-            if op_name(node) in _MATMUL and node not in self.linears:
-                probs = node
+            if not isinstance(node, fx.Node) or node in seen:
+                continue
+            seen.add(node)
+            if self._is_activation_matmul(node):
+                scores = node
                 break
-            if op_name(node) in _DATA_MOVEMENT:
-                queue.extend(node.users)
+            if op_name(node) in _DATA_MOVEMENT | _ELEMENTWISE | {"cat"}:
+                queue.extend(node.all_input_nodes)
+        if scores is None:
+            return None
+        probs, seen, queue = None, set(), collections.deque((u, softmax) for u in softmax.users)
+        while queue and len(seen) < 32:
+            node, came_from = queue.popleft()
+            if node in seen:
+                continue
+            seen.add(node)
+            if self._is_activation_matmul(node):
+                probs = (node, came_from)
+                break
+            if op_name(node) in _DATA_MOVEMENT | _ELEMENTWISE:
+                queue.extend((u, node) for u in node.users)
         if probs is None:
             return None
-        return scores.args[0], scores.args[1], probs.args[1], probs
+        node, came_from = probs
+        a, b = _matmul_operands(node)
+        v = b if a is came_from else a
+        q, k = _matmul_operands(scores)
+        return q, k, v, node
 
     def classify(self) -> dict[fx.Node, str]:
         """Map every projection node to its role."""
@@ -284,11 +331,14 @@ class Discovery:
             for lin in self._linears_below(out):
                 roles.setdefault(lin, "o")
         for node in self.graph.nodes:
-            if op_name(node) == "mul" and not _is_sigmoid_gate(node):
+            if op_name(node) == "mul":
                 self._classify_gated(node, roles)
-        for node in self.graph.nodes:
-            if op_name(node) in _ACTIVATIONS:
-                self._classify_plain_mlp(node, roles)
+        for lin in self.linears:
+            if lin not in roles:
+                self._classify_plain_mlp(lin, roles)
+        for lin in self.linears:
+            if lin not in roles and self._is_router(lin):
+                roles[lin] = "router"
         for lin in self.linears:
             if lin not in roles:
                 roles[lin] = "lm_head" if self._reaches_output_only(lin) else "other"
@@ -318,18 +368,59 @@ class Discovery:
         for lin in downs:
             roles.setdefault(lin, "down")
 
-    def _classify_plain_mlp(self, act: fx.Node, roles: dict) -> None:
-        source = self._branch_source(act)
-        if source is None or source[0] in roles:
+    def _classify_plain_mlp(self, down: fx.Node, roles: dict) -> None:
+        """``down(act(up(x)))``: the input of ``down`` is a nonlinear elementwise function of one
+        other projection's output."""
+        x = down.args[1] if op_name(down) in {"addmm", "baddbmm"} else down.args[0]
+        source = self._branch_source(x)
+        if source is None or not source[1] or source[0] is down or source[0] in roles:
             return
-        downs = self._linears_below(act)
-        if downs and not any(roles.get(d, "down") != "down" for d in downs):
-            roles[source[0]] = "up"
-            for lin in downs:
-                roles.setdefault(lin, "down")
+        roles[source[0]] = "up"
+        roles[down] = "down"
+
+    def _is_router(self, lin: fx.Node) -> bool:
+        """A projection whose scores pick experts: it reaches a ``topk`` through elementwise ops."""
+        seen, queue = set(), collections.deque(lin.users)
+        while queue and len(seen) < 32:
+            node = queue.popleft()
+            if node in seen:
+                continue
+            seen.add(node)
+            name = op_name(node)
+            if name in {"topk", "sort", "argsort"}:
+                return True
+            if name in _DATA_MOVEMENT | _ELEMENTWISE | _SOFTMAX:
+                queue.extend(node.users)
+        return False
+
+    def expert_stacks(self) -> list[Site]:
+        """Stacked 3-D parameters (``[experts, d_out, d_in]``) that feed a matmul: the expert weights of
+        a mixture-of-experts block, reported with role ``experts`` (kept dense)."""
+        found = []
+        for node in self.graph.nodes:
+            name = self.param_name(node) if node.op == "placeholder" else None
+            shape = _shape(node)
+            if name is None or shape is None or len(shape) != 3 or not self._feeds_matmul(node):
+                continue
+            found.append(Site(name, name, "experts", shape[2], shape[1], False, 0.0, node.name, count=shape[0]))
+        return found
+
+    def _feeds_matmul(self, start: fx.Node) -> bool:
+        seen, queue = set(), collections.deque(start.users)
+        while queue and len(seen) < 32:
+            node = queue.popleft()
+            if node in seen:
+                continue
+            seen.add(node)
+            name = op_name(node)
+            if name in _LINEAR | _MATMUL or "grouped_mm" in name:
+                return True
+            if name in _DATA_MOVEMENT | {"index", "index_select", "getitem", "select"}:
+                queue.extend(node.users)
+        return False
 
     def sites(self) -> list[Site]:
-        """All projection sites, in graph order, one per weight parameter."""
+        """All projection sites, in graph order, one per weight parameter, then expert stacks."""
         roles = self.classify()
         sites: dict[str, Site] = {}
         for node, (param, d_in, d_out, bias) in self.linears.items():
@@ -340,7 +431,7 @@ class Discovery:
                 continue
             module_name = _owning_linear(node) or (param.rsplit(".", 1)[0] if "." in param else "")
             sites[param] = Site(module_name, param, roles[node], d_in, d_out, bias, rows, node.name)
-        return list(sites.values())
+        return list(sites.values()) + self.expert_stacks()
 
     def other_matmul_flops(self) -> float:
         """Forward FLOPs per token of matmuls between activations (attention scores and mixing)."""
@@ -352,7 +443,9 @@ class Discovery:
                 if q and k and v:
                     batch_heads = _numel(q[:-2])
                     total += 2.0 * batch_heads * q[-2] * k[-2] * (q[-1] + v[-1])
-            elif name in _MATMUL and name not in {"addmm", "einsum"} and node not in self.linears:
+            elif name == "einsum" and node not in self.linears:
+                total += _einsum_flops(node)
+            elif name in _MATMUL and name not in {"addmm", "baddbmm"} and node not in self.linears:
                 a, b = _shape(node.args[0]), _shape(node.args[1])
                 if a and b and len(a) >= 2 and len(b) >= 2:
                     batch = max(_numel(a[:-2]), _numel(b[:-2]))
@@ -378,12 +471,51 @@ def _strip_transpose(node):
     return node
 
 
-def _is_sigmoid_gate(node: fx.Node) -> bool:
-    args = [a for a in node.args if isinstance(a, fx.Node)]
-    if len(args) != 2:
-        return False
-    a, b = args
-    return (op_name(b) == "sigmoid" and b.args[0] is a) or (op_name(a) == "sigmoid" and a.args[0] is b)
+def _is_constant(node) -> bool:
+    """A value that does not depend on the model's inputs or weights: a Python scalar, a node with no
+    tensor inputs that is not a graph input (``full``, ``scalar_tensor``, ``arange`` …), or a lifted
+    scalar constant."""
+    if not isinstance(node, fx.Node):
+        return True
+    if node.op == "placeholder":
+        val = _val(node)
+        return val is not None and val.numel() <= 1 and not isinstance(val, torch.nn.Parameter) and (
+            "lifted_tensor" in node.name or "_tensor_constant" in node.name)
+    if node.op == "get_attr":
+        return True
+    return node.op == "call_function" and not node.all_input_nodes
+
+
+def _matmul_operands(node: fx.Node):
+    """The two tensor operands of a matmul-like node (``einsum`` with two operands included)."""
+    name = op_name(node)
+    if name == "einsum":
+        rest = node.args[1:]
+        if len(rest) == 1 and isinstance(rest[0], (list, tuple)):
+            rest = rest[0]
+        ops = [a for a in rest if isinstance(a, fx.Node)]
+        return (ops[0], ops[1]) if len(ops) == 2 else None
+    if name in {"addmm", "baddbmm"}:
+        return (node.args[1], node.args[2]) if len(node.args) >= 3 else None
+    if name in _MATMUL and len(node.args) >= 2:
+        return node.args[0], node.args[1]
+    return None
+
+
+def _einsum_flops(node: fx.Node) -> float:
+    """2 × the product of every index size of a two-operand einsum (0 if shapes are unknown)."""
+    ops = _matmul_operands(node)
+    equation = node.args[0] if isinstance(node.args[0], str) else None
+    if ops is None or equation is None or "..." in equation:
+        return 0.0
+    inputs = equation.replace(" ", "").split("->")[0].split(",")
+    sizes = {}
+    for letters, operand in zip(inputs, ops):
+        shape = _shape(operand)
+        if shape is None or len(shape) != len(letters):
+            return 0.0
+        sizes.update(zip(letters, shape))
+    return 2.0 * _numel(sizes.values())
 
 
 def _split_key(node: fx.Node):

@@ -47,7 +47,7 @@ class PretrainConfig:
     preset: str = "llama-small"
     model_config: str | None = None   # a Hugging Face config.json (or folder) instead of the preset
     dense: bool = False               # train the dense model (baseline) instead of CoLA
-    rank: int | float | None = None   # CoLA rank: int, or fraction of d_model; None: preset's rank
+    rank: int | float | dict | None = None  # CoLA rank: int, fraction of d_model, or {role: rank}; None: preset's
     recompute: bool = False           # CoLA-M: keep only the rank-r activations for backward
     compile: bool = False             # torch.compile(model, backend="colafx")
     dtype: str = "fp32"               # "fp32" or "bf16" (pure bf16 weights, as the paper's code)
@@ -421,15 +421,15 @@ def _plot(history: list[dict], path: Path, config: PretrainConfig) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``colafx pretrain`` (defaults: the preset's paper recipe)."""
     from colafx import presets
-    from colafx.cli import _rank_arg
+    from colafx.transform.colaify import RANK_HELP
 
     d = PretrainConfig()
     parser.add_argument("--preset", choices=presets.names(), default=d.preset, help="model size")
     parser.add_argument("--model-config", default=None,
                         help="a Hugging Face config.json (or folder) to build instead of the preset")
     parser.add_argument("--dense", action="store_true", help="train the dense baseline instead of CoLA")
-    parser.add_argument("--rank", type=_rank_arg, default=None,
-                        help="CoLA rank: an int or a fraction of d_model (default: the preset's paper rank)")
+    parser.add_argument("--rank", action="append", default=None, metavar="[ROLE=]R",
+                        help=RANK_HELP + " (default: the preset's paper rank)")
     parser.add_argument("--recompute", action="store_true", help="CoLA-M: recompute all but the rank-r activations")
     parser.add_argument("--compile", action="store_true", help='torch.compile(model, backend="colafx")')
     parser.add_argument("--dtype", choices=list(DTYPES), default=d.dtype, help="weight and compute dtype")
@@ -464,6 +464,10 @@ def run_cli(args: argparse.Namespace) -> int:
     """Run ``colafx pretrain``; returns 0, or 1 with a message for missing features / divergence."""
     fields = {f.name for f in dataclasses.fields(PretrainConfig)}
     kwargs = {k: v for k, v in vars(args).items() if k in fields}
+    if kwargs.get("rank"):
+        from colafx.transform.colaify import parse_rank
+
+        kwargs["rank"] = parse_rank(kwargs["rank"])
     config = PretrainConfig(**kwargs, progress=not args.no_progress)
     try:
         train(config)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
@@ -17,6 +18,7 @@ from torch import nn
 
 from colafx.passes.capture import capture
 from colafx.passes.projections import ALL_ROLES, BLOCK_ROLES, ATTN_INPUT_ROLES, Site, find_projections
+from colafx.passes.recompute import find_blocks
 from colafx.transform.modules import (ACTIVATIONS, INITS, CoLALinear, cola_param_count,
                                       dense_param_count, resolve_rank)
 
@@ -30,6 +32,7 @@ class PlannedSite:
 
     site: Site
     rank: int | None
+    note: str = ""  # why the site stays dense, or how its rank was chosen (a cap)
 
     @property
     def name(self) -> str:
@@ -42,7 +45,7 @@ class PlannedSite:
     @property
     def params_before(self) -> int:
         s = self.site
-        return dense_param_count(s.d_in, s.d_out, s.bias)
+        return dense_param_count(s.d_in, s.d_out, s.bias) * s.count
 
     @property
     def params_after(self) -> int:
@@ -83,6 +86,17 @@ class Plan:
         return [s for s in self.sites if s.rank is not None]
 
     @property
+    def missed(self) -> list[PlannedSite]:
+        """Projections inside a decoder block whose dataflow matched no attention or MLP pattern and
+        that were not selected by ``targets``: they stay dense, and ``colaify`` warns about them."""
+        return [s for s in self.sites if s.rank is None and s.role == "other" and s.note]
+
+    @property
+    def notes(self) -> list[str]:
+        """One line per site with a note: missed projections, experts kept dense, capped ranks."""
+        return [f"{s.name}: {s.note}" for s in self.sites if s.note]
+
+    @property
     def params_before(self) -> int:
         return self.model_params
 
@@ -105,7 +119,9 @@ class Plan:
                 f"forward FLOPs/token (seq {self.seq_len}): {self.flops_before / 1e6:,.2f}M -> "
                 f"{self.flops_after / 1e6:,.2f}M ({self.flops_before / self.flops_after:.2f}x fewer)\n"
                 f"{len(self.targets)} of {len(self.sites)} projections -> CoLA (act={self.act}, "
-                f"init={self.init}), d_model={self.d_model}")
+                f"init={self.init}), d_model={self.d_model}"
+                + (f"\nWARNING: {len(self.missed)} projections inside decoder blocks matched no attention/MLP "
+                   f"pattern and stay dense: {_names(self.missed)}" if self.missed else ""))
 
     def table(self) -> str:
         """One row per projection, then the totals."""
@@ -119,7 +135,8 @@ class Plan:
         lines = ["  ".join(c.ljust(w) if i < 4 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
                  for r in rows]
         lines.insert(1, "-" * len(lines[0]))
-        return "\n".join(lines) + "\n\n" + self.summary()
+        notes = "".join(f"\n  {n}" for n in self.notes)
+        return "\n".join(lines) + ("\n\nnotes:" + notes if notes else "") + "\n\n" + self.summary()
 
     def __str__(self) -> str:
         return self.table()
@@ -127,12 +144,14 @@ class Plan:
 
 def plan(model: nn.Module, rank: RankSpec = 0.25, act: str = "silu", init: str = "cola",
          targets: Patterns = None, exclude: Patterns = None, example_inputs=None,
-         roles: Iterable[str] | None = None, seq_len: int = 256) -> Plan:
+         roles: Iterable[str] | None = None, seq_len: int = 256, strict: bool = False) -> Plan:
     """Dry-run ``colaify``: find the projections and decide the rank of each, changing nothing.
 
     Args:
         rank: an int, a float fraction of d_model (paper default 1/4), or a dict keyed by role
-            (``"q"``, ``"down"`` ...), by regex on the module name, or ``"default"``.
+            (``"q"``, ``"down"`` ...), by regex on the module name, or ``"default"``. A fraction that
+            gives more than a site's min(d_in, d_out) (e.g. 1/2 on the narrow k/v of a GQA model) is
+            capped there, with a note; an explicit int that is too large is an error.
         act: bottleneck activation, ``"silu"`` (paper) or ``"identity"``.
         init: ``"cola"`` (the paper's random init) or ``"svd"`` (truncated SVD of the weights).
         targets / exclude: PEFT matching rules: a string is a regex ``fullmatch`` on the module
@@ -141,11 +160,14 @@ def plan(model: nn.Module, rank: RankSpec = 0.25, act: str = "silu", init: str =
         example_inputs: inputs for capture; needed for models that are not Hugging Face LMs.
         roles: the roles to convert when ``targets`` is None (default: all attention and MLP roles).
         seq_len: sequence length of the captured example (attention FLOPs depend on it).
+        strict: raise instead of noting projections that sit inside a decoder block but match no
+            attention or MLP pattern (``Plan.missed``).
 
     Raises:
-        ValueError: already-colaified model, unknown act/init/role, bad rank (≤ 0 or above
-            min(d_in, d_out)), targets that match nothing, no projections found, or a selected
-            projection that is not an ``nn.Linear``. The model is never modified.
+        ValueError: already-colaified model, unknown act/init/role, bad rank (≤ 0, or an int above
+            min(d_in, d_out)), targets that match nothing, no projections found, a selected
+            projection that is not an ``nn.Linear``, or (``strict``) a missed projection. The model
+            is never modified.
     """
     if act not in ACTIVATIONS:
         raise ValueError(f"unknown act {act!r}; choose one of {ACTIVATIONS}")
@@ -163,24 +185,37 @@ def plan(model: nn.Module, rank: RankSpec = 0.25, act: str = "silu", init: str =
     d_model = _d_model(sites)
     selected = _select(sites, targets, exclude, roles)
     rank_of = _rank_rules(rank, selected, d_model)
+    block_of = _blocks_of(sites, model)
     planned = []
     for site in sites:
-        r = rank_of[site.param] if site.param in rank_of else None
+        r, note = rank_of.get(site.param, (None, ""))
         if r is not None:
             _check_site(model, site, r)
-        planned.append(PlannedSite(site, r))
+        elif site.role == "experts":
+            note = (f"{site.count} stacked experts ({site.d_in}x{site.d_out} each) kept dense; colafx does not "
+                    "convert 3-D expert weights, and their FLOPs are not counted")
+        elif site.role == "other" and block_of(site.name):
+            note = (f"inside decoder block {block_of(site.name)} but its dataflow matches no attention or MLP "
+                    "pattern: kept dense (name it in targets=[...] to convert it)")
+        planned.append(PlannedSite(site, r, note))
     model_params = sum(p.numel() for p in model.parameters())
-    return Plan(planned, d_model, _seq_len(captured, seq_len), act, init, model_params, other_flops)
+    result = Plan(planned, d_model, captured.seq_len, act, init, model_params, other_flops)
+    if strict and result.missed:
+        raise ValueError(f"strict: {len(result.missed)} projections inside decoder blocks match no attention or "
+                         f"MLP pattern: {_names(result.missed)}")
+    return result
 
 
 def colaify(model: nn.Module, rank: RankSpec = 0.25, act: str = "silu", init: str = "cola",
             targets: Patterns = None, exclude: Patterns = None, example_inputs=None,
             roles: Iterable[str] | None = None, recompute: bool = False,
-            generator: torch.Generator | None = None) -> nn.Module:
+            generator: torch.Generator | None = None, strict: bool = False) -> nn.Module:
     """Replace the model's attention and MLP projections with CoLA auto-encoders, in place.
 
     Arguments are those of :func:`plan`; ``recompute=True`` also enables CoLA-M
-    (:func:`colafx.enable_recompute`); ``generator`` seeds the ``"cola"`` init.
+    (:func:`colafx.enable_recompute`); ``generator`` seeds the ``"cola"`` init. Projections inside a
+    decoder block that match no attention/MLP pattern stay dense with a ``UserWarning`` naming them
+    (``strict=True``: a ``ValueError`` before anything changes).
 
     Returns:
         the same ``model`` object, modified.
@@ -188,7 +223,11 @@ def colaify(model: nn.Module, rank: RankSpec = 0.25, act: str = "silu", init: st
     Raises:
         ValueError: see :func:`plan`; nothing is changed when it raises.
     """
-    the_plan = plan(model, rank, act, init, targets, exclude, example_inputs, roles)
+    the_plan = plan(model, rank, act, init, targets, exclude, example_inputs, roles, strict=strict)
+    if the_plan.missed:
+        warnings.warn(f"colaify left {len(the_plan.missed)} projections inside decoder blocks dense: their dataflow "
+                      f"matches no attention or MLP pattern: {_names(the_plan.missed)} (name them in targets=[...] "
+                      "to convert them; strict=True makes this an error)", stacklevel=2)
     apply_plan(model, the_plan, generator)
     if recompute:
         from colafx.transform.recompute import enable_recompute
@@ -211,6 +250,41 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
+
+
+RANK_HELP = ("CoLA rank: an int, or a float fraction of d_model (capped per projection at min(d_in, d_out)); "
+             "repeat with ROLE=R or REGEX=R for per-role rules, e.g. --rank 0.5 --rank k=96 --rank v=96")
+
+
+def parse_rank(texts: str | Iterable[str]) -> RankSpec:
+    """Parse command-line rank rules: ``"0.25"``, ``"128"``, or ``"ROLE_OR_REGEX=VALUE"`` items, e.g.
+    ``["0.5", "k=96", "v=96"]`` -> ``{"default": 0.5, "k": 96, "v": 96}``. A single plain value is
+    returned as a number.
+
+    Raises:
+        ValueError: a value that is not an int or a float, or two plain values.
+    """
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    rules: dict[str, int | float] = {}
+    for text in texts:
+        key, sep, value = text.rpartition("=")
+        key = key.strip() if sep else "default"
+        if key in rules:
+            raise ValueError(f"rank rule {key!r} given twice ({texts})")
+        rules[key] = _number(value.strip(), text)
+    if list(rules) == ["default"]:
+        return rules["default"]
+    return rules
+
+
+def _number(value: str, text: str) -> int | float:
+    try:
+        return int(value)
+    except ValueError:
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"rank must be an int, a float or ROLE=VALUE, got {text!r}") from None
 
 
 def matches(patterns: Patterns, name: str) -> bool:
@@ -251,9 +325,10 @@ def _select(sites: list[Site], targets: Patterns, exclude: Patterns, roles) -> l
     return kept
 
 
-def _rank_rules(rank: RankSpec, sites: list[Site], d_model: int) -> dict[str, int]:
+def _rank_rules(rank: RankSpec, sites: list[Site], d_model: int) -> dict[str, tuple[int, str]]:
+    """``{param: (rank, note)}`` for the selected sites; fractions are capped per site (with a note)."""
     if not isinstance(rank, Mapping):
-        return {s.param: resolve_rank(rank, d_model) for s in sites}
+        return {s.param: _site_rank(rank, s, d_model) for s in sites}
     rules = dict(rank)
     for key in rules:
         if key == "default" or key in ALL_ROLES:
@@ -273,8 +348,34 @@ def _rank_rules(rank: RankSpec, sites: list[Site], d_model: int) -> dict[str, in
             key = site.role if site.role in rules else "default" if "default" in rules else None
         if key is None:
             raise ValueError(f"no rank rule for {site.name} (role {site.role}); add a 'default' key")
-        out[site.param] = resolve_rank(rules[key], d_model)
+        out[site.param] = _site_rank(rules[key], site, d_model)
     return out
+
+
+def _site_rank(rule: int | float, site: Site, d_model: int) -> tuple[int, str]:
+    r = resolve_rank(rule, d_model)
+    limit = min(site.d_in, site.d_out)
+    if isinstance(rule, float) and r > limit:
+        return limit, f"rank {r} ({rule:g} x d_model {d_model}) capped to min(d_in, d_out) = {limit}"
+    return r, ""
+
+
+def _names(planned: list[PlannedSite], most: int = 6) -> str:
+    names = [p.name for p in planned]
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def _blocks_of(sites: list[Site], model: nn.Module):
+    """A function from a module name to the decoder block holding it ("" if none), with blocks found
+    from the module paths of the sites that have attention/MLP roles."""
+    chains = [[".".join(parts[:i]) for i in range(1, len(parts))]
+              for parts in (s.name.split(".") for s in sites if s.role in BLOCK_ROLES)]
+    blocks = find_blocks(chains, lambda name: type(model.get_submodule(name)))
+    prefixes = [b + "." for b in blocks]
+
+    def block_of(name: str) -> str:
+        return next((p[:-1] for p in prefixes if name.startswith(p)), "")
+    return block_of
 
 
 def _check_site(model: nn.Module, site: Site, rank: int) -> None:
@@ -295,12 +396,3 @@ def _d_model(sites: list[Site]) -> int:
     attn_inputs = [s.d_in for s in sites if s.role in ATTN_INPUT_ROLES]
     pool = attn_inputs or [s.d_in for s in sites]
     return collections.Counter(pool).most_common(1)[0][0]
-
-
-def _seq_len(captured, default: int) -> int:
-    for node in captured.graph.nodes:
-        if node.op == "placeholder" and node.name not in captured.param_names:
-            val = node.meta.get("val")
-            if isinstance(val, torch.Tensor) and val.dim() >= 2:
-                return int(val.shape[1])
-    return default

@@ -15,10 +15,14 @@ that op's output ``σ(z)`` instead. Under ``torch.compile`` the same policy beco
 ``node.meta["recompute"]`` tags. ``policy="full"`` checkpoints whole blocks (only the block input
 is kept).
 
-Blocks run without checkpointing when autograd is off (``torch.no_grad``, ``generate``). A KV cache
-with content makes a block run without checkpointing (the recompute would write the cache twice);
-an empty cache (what HF models create for a plain training call) is not passed to a recomputed
-block, as with Hugging Face gradient checkpointing.
+Blocks run without checkpointing when autograd is off (``torch.no_grad``, ``generate``). A
+checkpointed block must be a pure function of its tensor inputs, so state that the block mutates in
+forward is kept out of it. KV caches are recognised by what they do, not by the keyword that carries
+them (``cache=``, ``past_key_values=``, ``layer_past=`` ... differ between models and releases): any
+argument that is a ``transformers`` ``Cache`` or has a cache's ``update`` and ``get_seq_length``
+methods. An empty one (what HF models create for a plain training call) is replaced by ``None`` and
+``use_cache`` turned off, as Hugging Face gradient checkpointing does; a filled one makes the block run
+without checkpointing, with a warning (a recompute would append to it a second time).
 """
 from __future__ import annotations
 
@@ -38,7 +42,6 @@ from colafx.transform.modules import CoLALinear
 
 POLICIES = ("cola-m", "full")
 _STATE = "_colafx_recompute"
-_CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past")
 
 
 @dataclass
@@ -198,21 +201,43 @@ def _checkpointed_forward(self: nn.Module, *args, **kwargs):
     if self.training and getattr(self, "gradient_checkpointing", False):
         raise RuntimeError("Hugging Face gradient checkpointing was enabled after colafx.enable_recompute; "
                            "use one of them (model.gradient_checkpointing_disable() or colafx.disable_recompute)")
-    for key in _CACHE_KWARGS:
-        cache = kwargs.get(key)
-        if cache is None:
-            continue
-        if _cache_len(cache) != 0:
-            warnings.warn(f"{type(self).__name__} got a filled KV cache with autograd on: running it without "
-                          "recompute (a recompute would write the cache twice)", stacklevel=2)
-            return forward(*args, **kwargs)
-        kwargs[key] = None
+    args, kwargs, filled = _drop_caches(args, kwargs)
+    if filled:
+        warnings.warn(f"{type(self).__name__} got a filled KV cache with autograd on: running it without "
+                      "recompute (a recompute would write the cache twice)", stacklevel=2)
+        return forward(*args, **kwargs)
     context_fn = _sac_context if state.policy == "cola-m" else None
     extra = {"context_fn": context_fn} if context_fn else {}
     return checkpoint(forward, *args, use_reentrant=False, **extra, **kwargs)
 
 
-def _cache_len(cache) -> int | None:
-    """Tokens held by an HF cache object (``None`` if unknown)."""
-    get = getattr(cache, "get_seq_length", None)
-    return int(get()) if callable(get) else None
+def is_cache(obj) -> bool:
+    """True if ``obj`` behaves as a KV cache: a ``transformers`` ``Cache``, or any object with callable
+    ``update`` and ``get_seq_length`` (the two methods attention layers use to write and size it)."""
+    if isinstance(obj, (torch.Tensor, str, bytes, int, float, bool, type(None), tuple, list, dict)):
+        return False
+    try:
+        from transformers.cache_utils import Cache
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        Cache = ()
+    if Cache and isinstance(obj, Cache):
+        return True
+    return callable(getattr(obj, "update", None)) and callable(getattr(obj, "get_seq_length", None))
+
+
+def _drop_caches(args: tuple, kwargs: dict) -> tuple[tuple, dict, bool]:
+    """Replace every empty cache among the arguments by ``None`` (and ``use_cache`` by ``False``).
+
+    Returns the new ``(args, kwargs, filled)``; when a cache holds tokens, ``filled`` is True and the
+    arguments come back unchanged, since the block must then run without checkpointing.
+    """
+    caches = [a for a in (*args, *kwargs.values()) if is_cache(a)]
+    if not caches:
+        return args, kwargs, False
+    if any(int(c.get_seq_length()) != 0 for c in caches):
+        return args, kwargs, True
+    args = tuple(None if is_cache(a) else a for a in args)
+    kwargs = {k: None if is_cache(v) else v for k, v in kwargs.items()}
+    if kwargs.get("use_cache"):
+        kwargs["use_cache"] = False
+    return args, kwargs, False

@@ -108,3 +108,71 @@ def test_tied_head_maps_to_its_linear():
 def test_capture_needs_inputs_for_plain_models():
     with pytest.raises(ValueError, match="example_inputs"):
         capture(PlainLlama())
+
+
+BLOCK0 = {"wq": "q", "wk": "k", "wv": "v", "wo": "o", "w1": "gate", "w3": "up", "w2": "down"}
+
+
+@pytest.mark.parametrize("attention", ["eager", "softcap", "einsum", "where", "flex"])
+def test_attention_cores_written_differently(attention):
+    """Soft-capped scores, einsum matmuls, where-masking and FlexAttention are all attention cores."""
+    from tests.llama_plain import PlainLlama
+
+    roles = roles_by_name(PlainLlama(attention=attention), (torch.zeros(1, 12, dtype=torch.long),))
+    for i in range(2):
+        assert {n.split(".")[-1]: r for n, r in roles.items() if n.startswith(f"blocks.{i}.")} == BLOCK0
+
+
+@pytest.mark.parametrize("act", ["gelu_new", "relu2", "where"])
+@pytest.mark.parametrize("gated", [True, False])
+def test_activation_is_any_elementwise_function(act, gated):
+    """gelu_new written out, relu(x)**2 and a where-built leaky ReLU are activations, gated or not."""
+    roles = roles_by_name(PlainLlama(act=act, gated=gated), (torch.zeros(1, 12, dtype=torch.long),))
+    expected = dict(BLOCK0) if gated else {**{k: v for k, v in BLOCK0.items() if k != "w3"}, "w1": "up"}
+    for i in range(2):
+        assert {n.split(".")[-1]: r for n, r in roles.items() if n.startswith(f"blocks.{i}.")} == expected
+
+
+def test_affine_branch_is_not_an_activation():
+    """w2(w1(x) * 2 * w3(x)) has no activation: no gate/up/down roles."""
+    class Bilinear(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w1, self.w3, self.w2 = torch.nn.Linear(8, 16), torch.nn.Linear(8, 16), torch.nn.Linear(16, 8)
+
+        def forward(self, x):
+            return x + self.w2(self.w1(x) * 2.0 * self.w3(x))
+
+    roles = roles_by_name(Bilinear(), (torch.randn(2, 8),))
+    assert set(roles.values()) <= {"other", "lm_head"}
+
+
+@pytest.mark.parametrize("kind,extra", [("Gemma2", {}), ("Phi", {}), ("Llama", {"attn_implementation": "flex_attention"})])
+def test_hf_families_with_softcap_gelu_new_and_flex(kind, extra):
+    model = _tiny_hf(kind, **extra)
+    sites, _ = find_projections(capture(model, seq_len=16))
+    counts = {}
+    for s in sites:
+        counts[s.role] = counts.get(s.role, 0) + 1
+    mlp = {"up": 2, "down": 2} if kind == "Phi" else {"gate": 2, "up": 2, "down": 2}
+    assert counts == {"q": 2, "k": 2, "v": 2, "o": 2, **mlp, "lm_head": 1}
+
+
+def test_moe_router_and_stacked_experts():
+    model = _tiny_hf("Mixtral", num_local_experts=4, num_experts_per_tok=2)
+    sites, _ = find_projections(capture(model, seq_len=16))
+    by_name = {s.name: s for s in sites}
+    assert by_name["model.layers.0.mlp.gate"].role == "router"
+    experts = by_name["model.layers.0.mlp.experts.gate_up_proj"]
+    assert (experts.role, experts.count, experts.d_in, experts.d_out) == ("experts", 4, 64, 256)
+    assert by_name["model.layers.1.mlp.experts.down_proj"].role == "experts"
+    assert {s.role for s in sites if ".self_attn." in s.name} == {"q", "k", "v", "o"}
+
+
+def test_einsum_attention_flops_counted():
+    """Attention FLOPs are the same whether the core is written with matmul or einsum."""
+    flops = {}
+    for attention in ("eager", "einsum"):
+        _, flops[attention] = find_projections(capture(PlainLlama(attention=attention),
+                                                       (torch.zeros(1, 12, dtype=torch.long),)))
+    assert flops["einsum"] == pytest.approx(flops["eager"]) and flops["eager"] > 0

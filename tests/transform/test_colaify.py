@@ -213,3 +213,81 @@ def test_plan_table_lists_every_site(tiny_model):
     text = str(colafx.plan(tiny_model))
     assert "model.layers.1.mlp.down_proj" in text and "lm_head" in text and "dense" in text
     assert "parameters: 158,016 -> 103,232" in text
+
+
+class _BlockWithExtra(torch.nn.Module):
+    """A LLaMA-like block with one more linear that fits no attention/MLP pattern (a LayerScale-like
+    mixing of the residual stream)."""
+
+    def __init__(self, d=32):
+        super().__init__()
+        from tests.llama_plain import Block
+
+        self.inner = Block(d, 64, 4)
+        self.mix = torch.nn.Linear(d, d, bias=False)
+
+    def forward(self, x):
+        return self.inner(x) + self.mix(x) * x.mean(-1, keepdim=True)
+
+
+class _ModelWithExtra(torch.nn.Module):
+    def __init__(self, d=32):
+        super().__init__()
+        self.tok = torch.nn.Embedding(50, d)
+        self.blocks = torch.nn.ModuleList(_BlockWithExtra(d) for _ in range(2))
+        self.out = torch.nn.Linear(d, 50, bias=False)
+
+    def forward(self, ids):
+        h = self.tok(ids)
+        for b in self.blocks:
+            h = b(h)
+        return self.out(h)
+
+
+def test_projection_missed_inside_a_block_is_never_silent():
+    model = _ModelWithExtra()
+    inputs = (torch.zeros(1, 10, dtype=torch.long),)
+    p = colafx.plan(model, rank=8, example_inputs=inputs)
+    assert [s.name for s in p.missed] == ["blocks.0.mix", "blocks.1.mix"]
+    assert "blocks.0.mix: inside decoder block blocks.0" in p.table()
+    assert "WARNING: 2 projections" in p.summary()
+    with pytest.raises(ValueError, match="strict: 2 projections .*blocks.0.mix"):
+        colafx.colaify(copy.deepcopy(model), rank=8, example_inputs=inputs, strict=True)
+    with pytest.warns(UserWarning, match="left 2 projections inside decoder blocks dense: .*blocks.1.mix"):
+        colafx.colaify(model, rank=8, example_inputs=inputs)
+    assert isinstance(model.blocks[0].inner.wq, CoLALinear) and type(model.blocks[0].mix) is torch.nn.Linear
+
+
+def test_well_understood_model_has_no_missed_projections(tiny_model):
+    p = colafx.plan(tiny_model, rank=8)
+    assert p.missed == [] and "WARNING" not in p.table()
+
+
+class _WithRopeBuffer(torch.nn.Module):
+    """A non-HF model whose first graph input is a buffer (a RoPE cache) of 8 x 256."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("rope", torch.randn(8, 256))
+        self.inner = PlainLlama(decoy=False)
+
+    def forward(self, ids):
+        return self.inner(ids) + self.rope[0, 0]
+
+
+def test_plan_seq_len_comes_from_the_token_input():
+    p = colafx.plan(_WithRopeBuffer(), rank=8, example_inputs=(torch.zeros(2, 32, dtype=torch.long),))
+    assert p.seq_len == 32
+    assert "(seq 32)" in p.summary()
+
+
+def test_fractional_rank_is_capped_per_site_with_a_note():
+    model = presets.build("llama-tiny")  # d 64, k/v 64 -> 32 (GQA)
+    p = colafx.plan(model, rank=0.75)
+    ranks = {s.name.split(".", 3)[-1]: s.rank for s in p.targets if ".layers.0." in s.name}
+    assert ranks["self_attn.q_proj"] == 48 and ranks["self_attn.k_proj"] == 32 and ranks["self_attn.v_proj"] == 32
+    assert "rank 48 (0.75 x d_model 64) capped to min(d_in, d_out) = 32" in p.table()
+    with pytest.raises(ValueError, match="rank 48 .*k_proj.*exceeds min"):
+        colafx.plan(model, rank=48)  # an explicit int is not capped
+    p = colafx.plan(model, rank={"default": 0.75, "k": 16, "v": 16})
+    assert {s.rank for s in p.targets if s.role in ("k", "v")} == {16}

@@ -1,5 +1,6 @@
 """CoLA-M in eager mode: same loss and gradients as without recompute, only the bottlenecks kept."""
 import copy
+import inspect
 from collections import Counter
 
 import pytest
@@ -9,7 +10,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import colafx
 from colafx import presets
 from colafx.transform.modules import CoLALinear
-from colafx.transform.recompute import decoder_blocks, disable_recompute, enable_recompute, recompute_policy_of
+from colafx.transform.recompute import (decoder_blocks, disable_recompute, enable_recompute, is_cache,
+                                       recompute_policy_of)
 from tests.llama_plain import PlainLlama
 
 # fp32, relative error per tensor (norm of the difference / norm of the reference), against the same
@@ -165,18 +167,79 @@ def test_disable_restores_and_colaify_flag(tiny_model):  # colaify(recompute=Tru
     assert clone.model.layers[0].forward.__self__ is clone.model.layers[0]
 
 
+def _cache_kwarg(model) -> str:
+    """The keyword this transformers release takes a KV cache by (``cache`` in 5.24+)."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def test_generate_and_filled_cache(cola_tiny):
     cola_tiny.eval()
     ids = _ids(cola_tiny.config.vocab_size, batch=1, seq=8)
     expected = cola_tiny.generate(ids, max_new_tokens=6, do_sample=False)
     enable_recompute(cola_tiny)
     assert torch.equal(cola_tiny.generate(ids, max_new_tokens=6, do_sample=False), expected)
+    key = _cache_kwarg(cola_tiny)
     with torch.no_grad():
-        cache = cola_tiny(ids, use_cache=True).past_key_values
-    ref = cola_tiny(expected[:, 8:9], past_key_values=copy.deepcopy(cache)).logits
+        out = cola_tiny(ids, use_cache=True)
+        cache = getattr(out, key, None) or out.past_key_values
+    assert is_cache(cache) and cache.get_seq_length() == 8
+    ref = cola_tiny(expected[:, 8:9], **{key: copy.deepcopy(cache)}).logits
     with pytest.warns(UserWarning, match="filled KV cache"):
-        got = cola_tiny(expected[:, 8:9], past_key_values=cache).logits  # autograd on: no recompute
+        got = cola_tiny(expected[:, 8:9], **{key: cache}).logits  # autograd on: no recompute
     torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    assert cache.get_seq_length() == 9  # written once, not twice
+
+
+class _ToyCache:
+    """Not a transformers class: a cache known only by its behaviour (update + get_seq_length)."""
+
+    def __init__(self):
+        self.keys = []
+
+    def get_seq_length(self):
+        return sum(k.shape[-2] for k in self.keys)
+
+    def update(self, k):
+        self.keys.append(k)
+        return torch.cat(self.keys, dim=-2)
+
+
+class _CacheBlock(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = CoLALinear.from_linear(torch.nn.Linear(8, 8), 4, "silu", "cola", "q")
+        self.mlp = CoLALinear.from_linear(torch.nn.Linear(8, 8), 4, "silu", "cola", "up")
+
+    def forward(self, x, store=None, use_cache=False):  # the cache keyword is deliberately unusual
+        h = self.attn(x)
+        kv = store.update(h) if store is not None and use_cache else h  # keys so far (this call's if empty)
+        h = h + kv.sum(-2, keepdim=True)  # a replay that appended again would sum them twice
+        return x + self.mlp(h)
+
+
+def test_cache_found_by_behaviour_not_keyword():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(_CacheBlock(), _CacheBlock())
+    x = torch.randn(2, 5, 8, requires_grad=True)
+
+    def run(m):
+        out = x
+        for block in m:
+            out = block(out, store=_ToyCache(), use_cache=True)
+        out.square().sum().backward()
+        return [p.grad.clone() for p in m.parameters()]
+
+    ref = run(copy.deepcopy(model))
+    enable_recompute(model)
+    got = run(model)  # an empty cache is dropped: without that the replay appends twice and fails
+    for a, b in zip(ref, got):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    filled = _ToyCache()
+    filled.update(torch.zeros(2, 3, 8))
+    with pytest.warns(UserWarning, match="filled KV cache"):
+        model[0](x, store=filled, use_cache=True)
+    assert filled.get_seq_length() == 8
 
 
 def test_bad_input(tiny_model, cola_tiny):
