@@ -380,18 +380,8 @@ class Discovery:
 
     def _is_router(self, lin: fx.Node) -> bool:
         """A projection whose scores pick experts: it reaches a ``topk`` through elementwise ops."""
-        seen, queue = set(), collections.deque(lin.users)
-        while queue and len(seen) < 32:
-            node = queue.popleft()
-            if node in seen:
-                continue
-            seen.add(node)
-            name = op_name(node)
-            if name in {"topk", "sort", "argsort"}:
-                return True
-            if name in _DATA_MOVEMENT | _ELEMENTWISE | _SOFTMAX:
-                queue.extend(node.users)
-        return False
+        return _reaches(lin, lambda name: name in {"topk", "sort", "argsort"},
+                        _DATA_MOVEMENT | _ELEMENTWISE | _SOFTMAX)
 
     def expert_stacks(self) -> list[Site]:
         """Stacked 3-D parameters (``[experts, d_out, d_in]``) that feed a matmul: the expert weights of
@@ -406,18 +396,8 @@ class Discovery:
         return found
 
     def _feeds_matmul(self, start: fx.Node) -> bool:
-        seen, queue = set(), collections.deque(start.users)
-        while queue and len(seen) < 32:
-            node = queue.popleft()
-            if node in seen:
-                continue
-            seen.add(node)
-            name = op_name(node)
-            if name in _LINEAR | _MATMUL or "grouped_mm" in name:
-                return True
-            if name in _DATA_MOVEMENT | {"index", "index_select", "getitem", "select"}:
-                queue.extend(node.users)
-        return False
+        return _reaches(start, lambda name: name in _LINEAR | _MATMUL or "grouped_mm" in name,
+                        _DATA_MOVEMENT | {"index", "index_select", "getitem", "select"})
 
     def sites(self) -> list[Site]:
         """All projection sites, in graph order, one per weight parameter, then expert stacks."""
@@ -451,6 +431,22 @@ class Discovery:
                     batch = max(_numel(a[:-2]), _numel(b[:-2]))
                     total += 2.0 * batch * a[-2] * a[-1] * b[-1]
         return total / self.num_tokens
+
+
+def _reaches(start: fx.Node, is_target, through: set[str], limit: int = 32) -> bool:
+    """True if walking down from ``start`` through ``through`` ops meets an op with ``is_target(name)``."""
+    seen, queue = set(), collections.deque(start.users)
+    while queue and len(seen) < limit:
+        node = queue.popleft()
+        if node in seen:
+            continue
+        seen.add(node)
+        name = op_name(node)
+        if is_target(name):
+            return True
+        if name in through:
+            queue.extend(node.users)
+    return False
 
 
 def _owning_linear(node: fx.Node) -> str | None:
