@@ -1,6 +1,8 @@
-"""Peak memory and time of one training step: dense, CoLA, CoLA-M, CoLA + full-block checkpointing.
+"""Peak memory and time of one training step: dense, CoLA, CoLA-M, CoLA + full-block checkpointing,
+and compiled CoLA vs compiled CoLA-M (``torch.compile(backend="colafx")``, Inductor).
 
     python bench/memory.py [--preset llama-60m] [--batch-size 4] [--seq-len 256] [--repeats 5]
+                           [--variants dense CoLA CoLA-M ...]
 
 A step is forward + loss + backward in fp32 on the CPU (gradients set to None first, so their
 allocation counts; the optimizer update is left out: its state is the same for every CoLA variant).
@@ -23,17 +25,24 @@ import colafx
 from colafx import presets
 from colafx.transform.io import atomic_write_bytes, atomic_write_json
 
-VARIANTS = ("dense", "CoLA", "CoLA-M", "CoLA + full ckpt")
+VARIANTS = ("dense", "CoLA", "CoLA-M", "CoLA + full ckpt", "compiled CoLA", "compiled CoLA-M")
 
 
-def build_variants(preset: str, seed: int) -> dict[str, torch.nn.Module]:
-    """The four models of the comparison; the three CoLA ones share the same weights."""
+def build_variants(preset: str, seed: int, names=VARIANTS) -> dict[str, torch.nn.Module]:
+    """The models of the comparison (those in ``names``); the CoLA ones share the same weights. The
+    compiled ones compile on their first (warm-up) step."""
     dense = presets.build(preset, seed=seed)
     cola = colafx.colaify(copy.deepcopy(dense), rank=presets.get(preset).rank,
                           generator=torch.Generator().manual_seed(seed))
-    cola_m = colafx.enable_recompute(copy.deepcopy(cola), policy="cola-m")
-    full = colafx.enable_recompute(copy.deepcopy(cola), policy="full")
-    models = dict(zip(VARIANTS, (dense, cola, cola_m, full)))
+    make = {
+        "dense": lambda: dense,
+        "CoLA": lambda: cola,
+        "CoLA-M": lambda: colafx.enable_recompute(copy.deepcopy(cola), policy="cola-m"),
+        "CoLA + full ckpt": lambda: colafx.enable_recompute(copy.deepcopy(cola), policy="full"),
+        "compiled CoLA": lambda: torch.compile(copy.deepcopy(cola), backend="colafx"),
+        "compiled CoLA-M": lambda: torch.compile(copy.deepcopy(cola), backend="colafx", options={"recompute": True}),
+    }
+    models = {name: make[name]() for name in VARIANTS if name in names}
     for model in models.values():
         model.train()
     return models
@@ -74,21 +83,25 @@ def main():
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per variant (median reported)")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights and token ids")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS, metavar="NAME",
+                        help=f"variants to run, from {', '.join(VARIANTS)} (CoLA is the reference and always runs)")
     parser.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for memory.json and memory.png")
     args = parser.parse_args()
 
-    models = build_variants(args.preset, args.seed)
-    vocab = models["dense"].config.vocab_size
+    names = tuple(v for v in VARIANTS if v in set(args.variants) | {"CoLA"})
+    models = build_variants(args.preset, args.seed, names)
+    vocab = presets.get(args.preset).vocab_size
     ids = torch.randint(0, vocab, (args.batch_size, args.seq_len), generator=torch.Generator().manual_seed(args.seed))
-    times = {name: [] for name in VARIANTS}
+    times = {name: [] for name in names}
     losses, memory = {}, {}
-    bar = tqdm(total=len(VARIANTS) * (args.repeats + 2), desc="steps", unit="step")
-    for name, model in models.items():  # warm-up step, then the profiled step
+    bar = tqdm(total=len(names) * (args.repeats + 3), desc="steps", unit="step")
+    for name, model in models.items():  # two warm-up steps (compiled: compile, then a cached run), then profiled
+        train_step(model, ids)
         losses[name] = train_step(model, ids)
         memory[name] = profile_memory(model, ids)
-        bar.update(2)
+        bar.update(3)
     for rnd in range(args.repeats):
-        order = VARIANTS[rnd % len(VARIANTS):] + VARIANTS[:rnd % len(VARIANTS)]
+        order = names[rnd % len(names):] + names[:rnd % len(names)]
         for name in order:
             start = time.perf_counter()
             train_step(models[name], ids)
@@ -97,10 +110,10 @@ def main():
     bar.close()
 
     rows = []
-    for name in VARIANTS:
+    for name in names:
         rows.append({"variant": name, "loss": losses[name], "step_s_median": statistics.median(times[name]),
                      "step_s_all": times[name], **memory[name]})
-    cola = rows[1]
+    cola = next(r for r in rows if r["variant"] == "CoLA")
     print(f"\n{args.preset}, batch {args.batch_size} x seq {args.seq_len}, fp32 CPU, forward + backward "
           f"({torch.get_num_threads()} threads, median of {args.repeats})\n")
     print("| variant | peak MiB | vs CoLA | kept for backward MiB | vs CoLA | step s | vs CoLA |")

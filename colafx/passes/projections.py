@@ -9,8 +9,8 @@ flows around it, never from module names:
 * ``gate`` / ``up`` (or a fused ``gate_up``): the two branches of a gated activation
   ``act(gate(x)) * up(x)``; ``up`` also names the input of a plain ``down(act(up(x)))`` MLP;
 * ``down``: consumes the MLP activation;
-* ``router``: feeds a ``topk`` (through softmax / sigmoid / elementwise ops): a mixture-of-experts
-  router, kept dense;
+* ``router``: feeds a ``topk`` / ``max`` (through softmax / sigmoid / elementwise ops), or scores
+  with one output: a mixture-of-experts router or gate, kept dense;
 * ``lm_head``: its output reaches the graph output without passing another projection;
 * ``experts``: stacked 3-D expert weights of a mixture-of-experts block (reported, kept dense);
 * ``other``: anything else (left dense by default).
@@ -63,6 +63,7 @@ _ELEMENTWISE = _ACTIVATIONS | {
     "hardtanh", "hardsigmoid", "logsigmoid", "softsign", "tanhshrink", "threshold", "gelu_tanh",
     "copy", "nan_to_num",
 }
+_NORMS = {"rms_norm", "layer_norm", "group_norm", "native_layer_norm", "native_group_norm", "_fused_rms_norm"}
 _AFFINE = {"add", "sub", "rsub", "mul", "div", "truediv", "neg"}  # linear unless both sides vary
 _SPLITS = {"split", "split_with_sizes", "chunk", "unbind", "getitem", "slice", "narrow", "select"}
 _MAX_WALK = 400  # bound on the nodes one dataflow walk may visit
@@ -195,18 +196,13 @@ class Discovery:
         return found
 
     def _linears_below(self, start: fx.Node, through=_DATA_MOVEMENT) -> set[fx.Node]:
-        """Projection nodes reached walking down from ``start`` through ``through`` ops only."""
-        found, seen, queue = set(), set(), collections.deque(start.users)
-        while queue and len(seen) < _MAX_WALK:
-            node = queue.popleft()
-            if node in seen:
-                continue
-            seen.add(node)
-            if node in self.linears:
-                found.add(node)
-            elif op_name(node) in through:
-                queue.extend(node.users)
-        return found
+        """Projection nodes reached walking down from ``start`` through ``through`` ops only (never
+        through a residual ``add`` of two varying tensors, which leads into the next block)."""
+        def passes(node):
+            return node not in self.linears and not _is_residual(node) and (
+                op_name(node) in through or (through is not _DATA_MOVEMENT and _is_elementwise(node)))
+
+        return {node for node in _downstream(start, passes) if node in self.linears}
 
     def _branch_source(self, node):
         """If ``node`` is an elementwise function of one projection's output, return
@@ -216,7 +212,7 @@ class Discovery:
         (reached through the same splits) or a constant. ``nonlinear`` is True when the walk passed
         an op that is not data movement or affine in it (``x * sigmoid(x)``, ``tanh``, ``x ** 2`` …).
         """
-        sources, nonlinear, seen = set(), False, set()
+        sources, nonlinear, seen = set(), 0, set()
         stack = [(node, ())]
         while stack:
             cur, splits = stack.pop()
@@ -231,13 +227,16 @@ class Discovery:
             if _is_constant(cur):
                 continue
             name = op_name(cur)
+            elementwise = _is_elementwise(cur)
             if name in _SPLITS:
                 splits = splits + ((name, _split_key(cur)),)
-            elif name not in _DATA_MOVEMENT | _ELEMENTWISE:
+            elif name not in _DATA_MOVEMENT and not elementwise:
                 return None
             varying = [a for a in cur.all_input_nodes if not _is_constant(a)]
-            if name in _ELEMENTWISE and (name not in _AFFINE or len(varying) > 1):
-                nonlinear = True
+            if name in _ACTIVATIONS or name in {"sigmoid", "tanh", "erf", "exp"}:
+                nonlinear = 2  # a named activation
+            elif elementwise and (name not in _AFFINE or len(varying) > 1):
+                nonlinear = max(int(nonlinear), 1)  # other nonlinear math (clamp, x * x ...)
             if name in _SPLITS or name in _DATA_MOVEMENT:
                 stack.append((cur.args[0], splits))
             else:
@@ -295,7 +294,7 @@ class Discovery:
             if self._is_activation_matmul(node):
                 scores = node
                 break
-            if op_name(node) in _DATA_MOVEMENT | _ELEMENTWISE | {"cat"}:
+            if op_name(node) in _DATA_MOVEMENT | {"cat"} or _is_elementwise(node):
                 queue.extend(node.all_input_nodes)
         if scores is None:
             return None
@@ -308,7 +307,7 @@ class Discovery:
             if self._is_activation_matmul(node):
                 probs = (node, came_from)
                 break
-            if op_name(node) in _DATA_MOVEMENT | _ELEMENTWISE:
+            if op_name(node) in _DATA_MOVEMENT or _is_elementwise(node):
                 queue.extend((u, node) for u in node.users)
         if probs is None:
             return None
@@ -328,8 +327,7 @@ class Discovery:
                     feeds[lin] += letter
             for lin, letters in feeds.items():
                 roles.setdefault(lin, "".join(sorted(set(letters), key="qkv".index)))
-            for lin in self._linears_below(out):
-                roles.setdefault(lin, "o")
+            self._classify_attention_output(out, roles)
         for node in self.graph.nodes:
             if op_name(node) == "mul":
                 self._classify_gated(node, roles)
@@ -344,6 +342,22 @@ class Discovery:
                 roles[lin] = "lm_head" if self._reaches_output_only(lin) else "other"
         return roles
 
+    def _classify_attention_output(self, out: fx.Node, roles: dict) -> None:
+        """The projections below the core's output are ``o``; elementwise ops on the way may norm it
+        (BitNet's sub-norm) or gate it (``o(attn · sigmoid(gate(x)))``): the gating projection is ``gate``."""
+        def passes(node):  # DiffLlama also concatenates and subtracts two cores
+            return node not in self.linears and (
+                op_name(node) in _DATA_MOVEMENT | _NORMS | {"cat"} or _is_elementwise(node))
+
+        for node in _downstream(out, passes):
+            if node in self.linears:
+                roles.setdefault(node, "o")
+            elif op_name(node) == "mul":
+                for arg in node.all_input_nodes:
+                    source = self._branch_source(arg)
+                    if source is not None and source[1] and source[0] not in roles:
+                        roles[source[0]] = "gate"
+
     def _classify_gated(self, mul: fx.Node, roles: dict) -> None:
         operands = [a for a in mul.args if isinstance(a, fx.Node)]
         if len(operands) != 2:
@@ -354,7 +368,7 @@ class Discovery:
         (lin_a, act_a, split_a), (lin_b, act_b, split_b) = branches
         if act_a == act_b:
             return
-        downs = self._linears_below(mul)
+        downs = self._linears_below(mul, through=_DATA_MOVEMENT | _ELEMENTWISE | _NORMS)  # a sub-norm may sit before down
         if not downs:
             return
         if lin_a is lin_b:
@@ -362,7 +376,7 @@ class Discovery:
                 return
             roles.setdefault(lin_a, "gate_up")
         else:
-            gate, up = (lin_a, lin_b) if act_a else (lin_b, lin_a)
+            gate, up = (lin_a, lin_b) if act_a > act_b else (lin_b, lin_a)
             roles.setdefault(gate, "gate")
             roles.setdefault(up, "up")
         for lin in downs:
@@ -380,7 +394,9 @@ class Discovery:
 
     def _is_router(self, lin: fx.Node) -> bool:
         """A projection whose scores pick experts: it reaches a ``topk`` through elementwise ops."""
-        return _reaches(lin, lambda name: name in {"topk", "sort", "argsort"},
+        if self.linears[lin][2] == 1 and not self._reaches_output_only(lin):
+            return True  # a one-output score (a shared expert's sigmoid gate)
+        return _reaches(lin, lambda name: name in {"topk", "sort", "argsort", "argmax", "max"},
                         _DATA_MOVEMENT | _ELEMENTWISE | _SOFTMAX)
 
     def expert_stacks(self) -> list[Site]:
@@ -433,20 +449,23 @@ class Discovery:
         return total / self.num_tokens
 
 
-def _reaches(start: fx.Node, is_target, through: set[str], limit: int = 32) -> bool:
-    """True if walking down from ``start`` through ``through`` ops meets an op with ``is_target(name)``."""
+def _downstream(start: fx.Node, passes, limit: int = _MAX_WALK):
+    """The nodes below ``start`` in breadth-first order, each once; the walk continues below a node
+    only when ``passes(node)``."""
     seen, queue = set(), collections.deque(start.users)
     while queue and len(seen) < limit:
         node = queue.popleft()
         if node in seen:
             continue
         seen.add(node)
-        name = op_name(node)
-        if is_target(name):
-            return True
-        if name in through:
+        yield node
+        if passes(node):
             queue.extend(node.users)
-    return False
+
+
+def _reaches(start: fx.Node, is_target, through: set[str], limit: int = 32) -> bool:
+    """True if walking down from ``start`` through ``through`` ops meets an op with ``is_target(name)``."""
+    return any(is_target(op_name(n)) for n in _downstream(start, lambda n: op_name(n) in through, limit))
 
 
 def _owning_linear(node: fx.Node) -> str | None:
@@ -467,19 +486,34 @@ def _strip_transpose(node):
     return node
 
 
-def _is_constant(node) -> bool:
-    """A value that does not depend on the model's inputs or weights: a Python scalar, a node with no
-    tensor inputs that is not a graph input (``full``, ``scalar_tensor``, ``arange`` …), or a lifted
-    scalar constant."""
+def _is_constant(node, depth: int = 0) -> bool:
+    """A value that does not depend on the data: a Python scalar, a node with no tensor inputs that is
+    not a graph input (``full``, ``scalar_tensor``, ``arange`` …), a graph input of at most one
+    dimension (a lifted constant, a learnable scalar, a bias vector; token inputs are 2-D), or an op
+    on constants only."""
     if not isinstance(node, fx.Node):
         return True
-    if node.op == "placeholder":
+    if node.op == "placeholder":  # a lifted constant, a learnable scalar (xIELU's α) or a bias vector
         val = _val(node)
-        return val is not None and val.numel() <= 1 and not isinstance(val, torch.nn.Parameter) and (
-            "lifted_tensor" in node.name or "_tensor_constant" in node.name)
+        return val is not None and val.dim() <= 1
     if node.op == "get_attr":
         return True
-    return node.op == "call_function" and not node.all_input_nodes
+    if node.op != "call_function" or depth > 8:
+        return False
+    return all(_is_constant(a, depth + 1) for a in node.all_input_nodes)  # e.g. scale_param * 8.0
+
+
+def _is_elementwise(node: fx.Node) -> bool:
+    """An elementwise op (binary ``max`` / ``min`` of two tensors included, their reductions not)."""
+    name = op_name(node)
+    if name in {"max", "min"}:
+        return len(node.args) >= 2 and isinstance(node.args[1], fx.Node)
+    return name in _ELEMENTWISE
+
+
+def _is_residual(node: fx.Node) -> bool:
+    """An ``add`` / ``sub`` of two tensors that both vary (a residual connection, not a bias or an eps)."""
+    return op_name(node) in {"add", "sub", "rsub"} and sum(not _is_constant(a) for a in node.all_input_nodes) > 1
 
 
 def _matmul_operands(node: fx.Node):

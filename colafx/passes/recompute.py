@@ -76,7 +76,7 @@ def _stack(node: fx.Node) -> list[tuple[str, object]]:
 
 
 def _is_forward(node: fx.Node) -> bool:
-    return node.op == "call_function" and node.meta.get("partitioner_tag") != "is_backward"
+    return node.op in ("call_function", "call_method") and node.meta.get("partitioner_tag") != "is_backward"
 
 
 def graph_blocks(gm: fx.GraphModule) -> list[str]:

@@ -108,7 +108,7 @@ def _read_path(path: Path) -> list[str]:
         files = sorted(p for p in path.rglob("*") if p.is_file()
                        and (p.suffix in TEXT_SUFFIXES or p.suffix in (".jsonl", ".parquet")))
         if not files:
-            raise FileNotFoundError(f"no .txt/.jsonl/.parquet files in {path}")
+            raise FileNotFoundError(f"no .txt/.md/.jsonl/.parquet files in {path}")
         return [doc for f in files for doc in _read_path(f)]
     if path.suffix == ".jsonl":
         docs = []

@@ -14,11 +14,14 @@ Beside ``model.onnx`` the export writes ``model.json`` (the Hugging Face config 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
+import logging
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -204,12 +207,28 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, quant: str | None = N
         exported = torch.export.export(wrapper, args, dynamic_shapes=dynamic, strict=False)
     _check_quant(quant, _quant_mode(exported))
     inputs, outputs = io_names(model.config.num_hidden_layers, kv_cache)
-    program = torch.onnx.export(exported, input_names=inputs, output_names=outputs, opset_version=opset,
-                                dynamo=True, custom_translation_table=_translation_table(), verbose=False)
+    with _quiet_exporter():
+        program = torch.onnx.export(exported, input_names=inputs, output_names=outputs, opset_version=opset,
+                                    dynamo=True, custom_translation_table=_translation_table(), verbose=False)
     _save_program(program, path)
     onnx.checker.check_model(str(path))
     _write_meta(model, path, quant, kv_cache, dtype, inputs, outputs, tokenizer)
     return path
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """Silence the exporter's notes that are not about this model: "torchvision is not installed.
+    Skipping torchvision::nms" (one per vision op) and pytree's LeafSpec FutureWarning."""
+    logger = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def _save_program(program, path: Path) -> None:

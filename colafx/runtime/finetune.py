@@ -63,7 +63,8 @@ class FinetuneConfig:
     progress: bool = True
 
     def validate(self) -> None:
-        """Raise ValueError naming the first bad field."""
+        """Raise ValueError naming the first bad field, or FileNotFoundError for a missing data file
+        (checked here, before the model loads)."""
         if (self.model is None) == (self.preset is None):
             raise ValueError("give exactly one of model or preset")
         if self.method not in METHODS:
@@ -83,6 +84,22 @@ class FinetuneConfig:
             raise ValueError("task 'classify' needs train_file, template and label_words")
         if self.label_names and len(self.label_names) != len(self.label_words or ()):
             raise ValueError(f"label_names {self.label_names} must match label_words {self.label_words} one to one")
+        if self.task == "text" and not self.train_file:
+            raise ValueError("task 'text' needs train_file (a text file to train on)")
+        for path in _data_files(self):  # before the model loads (SmolLM2 takes ~20-90 s)
+            if path is not None and not Path(path).is_file():
+                hint = " (--data-dir: a folder holding SST-2/train.tsv and dev.tsv)" if self.task == "sst2" else ""
+                raise FileNotFoundError(f"data file {path} does not exist{hint}")
+
+
+def _data_files(config: "FinetuneConfig") -> tuple:
+    """(train file, dev file) of a config; the dev file may be ``None`` (then taken from train)."""
+    if config.task == "sst2":
+        folder = Path(config.data_dir or ".")
+        if (folder / "SST-2").is_dir():
+            folder = folder / "SST-2"
+        return config.train_file or folder / "train.tsv", config.dev_file or folder / "dev.tsv"
+    return config.train_file, config.dev_file
 
 
 def _load(config: FinetuneConfig):
@@ -137,20 +154,17 @@ def _prepare(model, config: FinetuneConfig):
 
 
 def _data(config: FinetuneConfig, tokenizer):
+    train_file, dev_file = _data_files(config)
+    dev_file = dev_file or train_file
     if config.task == "text":
-        train = tasks.read_text_blocks(config.train_file, tokenizer, config.seq_len)
-        dev = tasks.read_text_blocks(config.dev_file or config.train_file, tokenizer, config.seq_len)[: config.n_dev]
+        train = tasks.read_text_blocks(train_file, tokenizer, config.seq_len)
+        dev = tasks.read_text_blocks(dev_file, tokenizer, config.seq_len)[: config.n_dev]
         return None, train, dev
     if config.task == "sst2":
         task = tasks.SST2
-        folder = Path(config.data_dir or ".")
-        if (folder / "SST-2").is_dir():
-            folder = folder / "SST-2"
-        train_file, dev_file = config.train_file or folder / "train.tsv", config.dev_file or folder / "dev.tsv"
     else:
         task = tasks.PromptTask(config.template, tuple(config.label_words), config.label_field,
                                 tuple(config.label_names or ()))
-        train_file, dev_file = config.train_file, config.dev_file or config.train_file
     train = tasks.sample_per_class(tasks.read_examples(train_file, task), config.k_shot, config.seed)
     dev = tasks.sample_per_class(tasks.read_examples(dev_file, task), 0, config.seed + 1)[: config.n_dev]
     return task, train, dev
@@ -243,10 +257,10 @@ def finetune(config: FinetuneConfig) -> dict:
 
     config.validate()
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = _load(config)
     optimizer = _prepare(model, config)
     task, train, dev = _data(config, tokenizer)
+    out.mkdir(parents=True, exist_ok=True)  # only now: a run that fails to start leaves no empty folder
     start = 0
     if config.resume and (out / CHECKPOINT).is_dir():
         start = _resume(model, optimizer, out)
@@ -336,7 +350,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of sampling, batches and perturbations")
     parser.add_argument("--out", default="runs/finetune", help="output folder (metrics.jsonl, curve.png, checkpoint/)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint if it exists")
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    parser.add_argument("--no-progress", dest="progress", action="store_false",
+                        help="hide the progress bar (default: shown)")
 
 
 def run_cli(args: argparse.Namespace) -> int:

@@ -163,6 +163,9 @@ def prepare_data(config: PretrainConfig, tokenizer_dir: Path | None):
         tokenizer = D.load_any_tokenizer(tokenizer_dir)
     else:
         vocab = presets.get(config.preset).vocab_size if config.model_config is None else 32000
+        if config.progress and dist_utils.setup().is_main:
+            print(f"training a byte-level BPE tokenizer ({vocab:,} tokens) on {len(train_docs):,} documents "
+                  "(pass --tokenizer to reuse one)", flush=True)
         tokenizer = D.train_tokenizer(train_docs, vocab)
     eos = tokenizer.eos_token_id
     train = D.pack(D.encode(train_docs, tokenizer), config.seq_len, eos)
@@ -457,7 +460,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     parser.add_argument("--seed", type=int, default=d.seed, help="seed of init, data order and split")
     parser.add_argument("--fsdp", action="store_true", help="under torchrun: shard with FSDP2 instead of DDP")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar (default: shown)")
 
 
 def run_cli(args: argparse.Namespace) -> int:

@@ -134,7 +134,11 @@ def _aot_eager(gm: fx.GraphModule, example_inputs: list) -> Callable:
     def nop(graph, _inputs):
         return make_boxed_func(graph.forward)
 
-    return aot_autograd(fw_compiler=nop, bw_compiler=nop,
+    def forward(graph, inputs):  # keep the partitioned forward: its extra outputs are what backward saves
+        gm.meta["colafx_forward"] = graph
+        return nop(graph, inputs)
+
+    return aot_autograd(fw_compiler=forward, bw_compiler=nop,
                         partition_fn=min_cut_rematerialization_partition)(gm, example_inputs)
 
 

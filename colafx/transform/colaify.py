@@ -360,6 +360,21 @@ def _site_rank(rule: int | float, site: Site, d_model: int) -> tuple[int, str]:
     return r, ""
 
 
+def _layer_of(model: nn.Module, name: str) -> str:
+    """The ancestor of ``name`` (or itself) that is an item of an ``nn.ModuleList`` (a layer of a stack);
+    ``name`` when there is none."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        if isinstance(model.get_submodule(".".join(parts[:i])), nn.ModuleList):
+            return ".".join(parts[:i + 1])
+    return name
+
+
+def _child_of(parent: str, name: str) -> str:
+    """The child of ``parent`` on the path to ``name`` ("model.layers", "model.layers.3.x.y" -> "model.layers.3")."""
+    return parent + "." + name[len(parent) + 1:].split(".", 1)[0]
+
+
 def _names(planned: list[PlannedSite], most: int = 6) -> str:
     names = [p.name for p in planned]
     return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
@@ -370,8 +385,12 @@ def _blocks_of(sites: list[Site], model: nn.Module):
     from the module paths of the sites that have attention/MLP roles."""
     chains = [[".".join(parts[:i]) for i in range(1, len(parts))]
               for parts in (s.name.split(".") for s in sites if s.role in BLOCK_ROLES)]
-    blocks = find_blocks(chains, lambda name: type(model.get_submodule(name)))
-    prefixes = [b + "." for b in blocks]
+    blocks = [_layer_of(model, b) for b in find_blocks(chains, lambda name: type(model.get_submodule(name)))]
+    stacks = {b.rpartition(".")[0] for b in blocks if "." in b}
+    stacks = {s for s in stacks if len(blocks) >= 2 or isinstance(model.get_submodule(s), nn.ModuleList)}
+    if stacks:  # a stack: its other layers (e.g. a hybrid's Mamba-only layers) are blocks too
+        blocks += [_child_of(stack, s.name) for s in sites for stack in stacks if s.name.startswith(stack + ".")]
+    prefixes = [b + "." for b in dict.fromkeys(blocks)]
 
     def block_of(name: str) -> str:
         return next((p[:-1] for p in prefixes if name.startswith(p)), "")

@@ -180,7 +180,8 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None, device: s
     """Load a checkpoint written by :func:`save`, replaying its transformations.
 
     ``model``: a freshly built dense model of the same architecture (required for non-Hugging-Face
-    models; Hugging Face models are rebuilt from the stored config). ``verify`` checks the SHA-256.
+    models; Hugging Face models are rebuilt from the stored config, and returned in eval mode as
+    ``from_pretrained`` does). ``verify`` checks the SHA-256.
 
     Raises:
         FileNotFoundError: missing directory or file.
@@ -194,7 +195,8 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None, device: s
     weights = directory / WEIGHTS_NAME
     if verify and record.get("weights_sha256") and file_sha256(weights) != record["weights_sha256"]:
         raise CheckpointError(f"{weights} is corrupt: its SHA-256 does not match the one recorded at save time")
-    if model is None:
+    built = model is None
+    if built:
         model = build_from_record(record)
     dtype = getattr(torch, record.get("dtype", "float32"), torch.float32)
     model = model.to(dtype=dtype)
@@ -214,4 +216,6 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None, device: s
         raise CheckpointError(f"{weights} is corrupt: {err}") from None
     except RuntimeError as err:
         raise CheckpointError(f"{weights} does not fit the {type(model).__name__} model: {err}") from None
+    if built:
+        model.eval()  # dropout off, as after from_pretrained
     return model.to(device)

@@ -1,5 +1,4 @@
 """The pre-training loop on llama-tiny: outputs, exact resume, NaN stop, eval averaging, CLI flags."""
-import importlib.util
 import json
 import math
 
@@ -126,9 +125,8 @@ def test_config_rejects_bad_settings():
         P.PretrainConfig(dtype="fp8")
 
 
-@pytest.mark.parametrize("flag, module", [("--recompute", "colafx.transform.recompute"),
-                                          ("--compile", "colafx.transform.backend")])
-def test_cli_optional_features_work_or_fail_clearly(corpus, tmp_path, capsys, flag, module):
+@pytest.mark.parametrize("flag", ["--recompute", "--compile"])
+def test_cli_recompute_and_compile_train(corpus, tmp_path, capsys, flag):
     from colafx.cli import main
 
     data = tmp_path / "d.txt"
@@ -138,7 +136,7 @@ def test_cli_optional_features_work_or_fail_clearly(corpus, tmp_path, capsys, fl
             "--out", str(tmp_path / "run"), "--no-progress", flag]
     rc = main(argv)
     printed = capsys.readouterr().out
-    if importlib.util.find_spec(module) is None:
-        assert rc == 1 and f"{flag} needs {module}" in printed
-    else:
-        assert rc == 0 and "final validation loss" in printed
+    assert rc == 0 and "final validation loss" in printed
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r.get("split") == "train"][-1] == 2
+    assert all(math.isfinite(r["loss"]) for r in rows)
