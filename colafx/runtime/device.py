@@ -46,6 +46,16 @@ def resolve_device(spec: str | torch.device | None = "auto", local_rank: int | N
     raise ValueError(f"unknown device {spec!r}; use {DEVICE_HELP}")
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of ``model``'s first parameter or buffer (a DTensor's local shard under FSDP2); CPU
+    for a model without tensors."""
+    for t in model.parameters():
+        return t.to_local().device if hasattr(t, "to_local") else t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Copy a host tensor to ``device``: through pinned memory with ``non_blocking`` on CUDA, so the
     copy overlaps the previous step's kernels; a no-op when it is already there."""

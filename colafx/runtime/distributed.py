@@ -27,8 +27,11 @@ class DistEnv:
         return self.rank == 0
 
 
-def setup() -> DistEnv:
+def setup(device: torch.device | None = None) -> DistEnv:
     """Join the ``torchrun`` process group if launched by it (once); return this process's place.
+
+    The backend is NCCL when ``device`` is CUDA (or, without ``device``, when CUDA is present), else
+    gloo; on CUDA each process uses ``cuda:LOCAL_RANK``.
 
     Raises:
         RuntimeError: torch.distributed is not available in this build but WORLD_SIZE > 1.
@@ -40,9 +43,10 @@ def setup() -> DistEnv:
         raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        on_cuda = device.type == "cuda" if device is not None else torch.cuda.is_available()
+        if on_cuda:
+            torch.cuda.set_device(device if device is not None and device.index is not None else local_rank)
+        dist.init_process_group("nccl" if on_cuda else "gloo")
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank)
 
 
@@ -55,6 +59,10 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum ``t`` over all processes (returned as a new tensor; identity for one process)."""
     if world_size() == 1:
         return t
+    if dist.get_backend() == "nccl" and t.device.type != "cuda":  # NCCL reduces CUDA tensors only
+        out = t.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(out)
+        return out.to(t.device)
     t = t.clone()
     dist.all_reduce(t)
     return t
@@ -66,26 +74,36 @@ def barrier() -> None:
         dist.barrier()
 
 
-def wrap(model: nn.Module, env: DistEnv, fsdp: bool) -> tuple[nn.Module, nn.Module]:
-    """Wrap ``model`` for data parallelism: DDP, or FSDP2 ``fully_shard`` per decoder layer and root.
+def wrap(model: nn.Module, env: DistEnv, fsdp: bool, device: torch.device | None = None,
+         param_dtype: torch.dtype | None = None) -> tuple[nn.Module, nn.Module]:
+    """Move ``model`` to ``device`` and wrap it for data parallelism: DDP, or FSDP2 ``fully_shard``
+    per decoder layer and root. ``param_dtype`` (FSDP only) is the compute dtype of a
+    ``MixedPrecisionPolicy`` (parameters stay in their own dtype, gradients reduce in fp32).
 
     Returns:
         ``(model to train, plain module to save)``; for FSDP the plain module is an unsharded copy
-        on rank 0 (None elsewhere) that :func:`full_state` refreshes before each save.
+        on rank 0's CPU (None elsewhere) that :func:`full_state` refreshes before each save.
     """
+    device = device or torch.device("cpu")
     if env.world == 1:
+        model = model.to(device)
         return model, model
     if not fsdp:
         from torch.nn.parallel import DistributedDataParallel
 
-        return DistributedDataParallel(model), model
-    from torch.distributed.fsdp import fully_shard
+        model = model.to(device)
+        ids = [device.index] if device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids), model
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    plain = copy.deepcopy(model) if env.is_main else None
+    plain = copy.deepcopy(model).cpu() if env.is_main else None
+    model = model.to(device)
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else None
+    kwargs = {"mp_policy": policy} if policy else {}
     layers = getattr(getattr(model, "model", model), "layers", [])
     for layer in layers:
-        fully_shard(layer)
-    fully_shard(model)
+        fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
     return model, plain
 
 

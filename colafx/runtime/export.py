@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from colafx.runtime.device import DEVICE_HELP, resolve_device
 from colafx.transform.io import atomic_write_json
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -406,6 +407,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                                    "key-value tensors")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="float type of the exported graph")
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset version (default: the exporter's)")
+    parser.add_argument("--device", default="auto",
+                        help=f"where the model is loaded, quantized and traced: {DEVICE_HELP}; the .onnx file is "
+                             "the same either way")
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -416,7 +420,8 @@ def run_cli(args: argparse.Namespace) -> int:
         raise ValueError(f"--out must name a .onnx file, got {args.out!r}")
     if args.quant_head and not args.quant:
         raise ValueError("--quant-head needs --quant int8 or --quant int4")
-    model = load_model(args.model)
+    device = resolve_device(args.device)
+    model = load_model(args.model).to(device)
     try:
         tokenizer = load_tokenizer(args.model)
     except FileNotFoundError:

@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from colafx.runtime import tasks
+from colafx.runtime.device import DEVICE_HELP, environment, resolve_device
 
 METHODS = ("quzo", "mezo", "adamw")
 CHECKPOINT = "checkpoint"
@@ -61,6 +62,7 @@ class FinetuneConfig:
     out: str = "runs/finetune"
     resume: bool = False
     progress: bool = True
+    device: str = "auto"                 # "auto" (CUDA when present), "cpu", "cuda", "cuda:N"
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field, or FileNotFoundError for a missing data file
@@ -84,6 +86,7 @@ class FinetuneConfig:
             raise ValueError("task 'classify' needs train_file, template and label_words")
         if self.label_names and len(self.label_names) != len(self.label_words or ()):
             raise ValueError(f"label_names {self.label_names} must match label_words {self.label_words} one to one")
+        resolve_device(self.device)  # no CUDA for --device cuda: one clear line, before any loading
         if self.task == "text" and not self.train_file:
             raise ValueError("task 'text' needs train_file (a text file to train on)")
         for path in _data_files(self):  # before the model loads (SmolLM2 takes ~20-90 s)
@@ -100,6 +103,11 @@ def _data_files(config: "FinetuneConfig") -> tuple:
             folder = folder / "SST-2"
         return config.train_file or folder / "train.tsv", config.dev_file or folder / "dev.tsv"
     return config.train_file, config.dev_file
+
+
+def _dtype_name(model) -> str:
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    return str(dtype).replace("torch.", "")
 
 
 def _load(config: FinetuneConfig):
@@ -258,6 +266,8 @@ def finetune(config: FinetuneConfig) -> dict:
     config.validate()
     out = Path(config.out)
     model, tokenizer = _load(config)
+    device = resolve_device(config.device)
+    model.to(device)  # before quantizing / LoRA: their tensors are made where the weights are
     optimizer = _prepare(model, config)
     task, train, dev = _data(config, tokenizer)
     out.mkdir(parents=True, exist_ok=True)  # only now: a run that fails to start leaves no empty folder
@@ -276,7 +286,7 @@ def finetune(config: FinetuneConfig) -> dict:
         atomic_write_bytes(metrics_path, lambda tmp: Path(tmp).write_text(text))
 
     if start == 0:
-        log({"step": 0, **_evaluate(model, tokenizer, task, dev)})
+        log({"step": 0, **_evaluate(model, tokenizer, task, dev), **environment(device, _dtype_name(model))})
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, disable=not config.progress,
                desc=f"{config.method}{'' if config.method != 'quzo' else f'-int{config.bits}'}")
     t0 = time.perf_counter()
@@ -352,6 +362,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint if it exists")
     parser.add_argument("--no-progress", dest="progress", action="store_false",
                         help="hide the progress bar (default: shown)")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
 
 
 def run_cli(args: argparse.Namespace) -> int:

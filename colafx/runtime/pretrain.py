@@ -26,8 +26,16 @@ from torch import nn
 from colafx.runtime import checkpoint as ckpt
 from colafx.runtime import data as D
 from colafx.runtime import distributed as dist_utils
+from colafx.runtime.device import DEVICE_HELP, environment, model_device, resolve_device, synchronize, to_device
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# --dtype: the weights' dtype, and whether the forward runs under bf16 autocast.
+#   fp32           fp32 weights and math
+#   bf16           pure bf16 weights, gradients and AdamW state, as the CoLA paper's code trains
+#   bf16-autocast  fp32 master weights and optimizer state, bf16 matmuls (torch.autocast; under FSDP2
+#                  a MixedPrecisionPolicy with bf16 compute and fp32 gradient reduction): what most
+#                  users run on GPUs
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "bf16-autocast": torch.float32}
+AUTOCAST = {"bf16-autocast": torch.bfloat16}
 METRICS_NAME = "metrics.jsonl"
 PLOT_NAME = "curves.png"
 
@@ -50,7 +58,8 @@ class PretrainConfig:
     rank: int | float | dict | None = None  # CoLA rank: int, fraction of d_model, or {role: rank}; None: preset's
     recompute: bool = False           # CoLA-M: keep only the rank-r activations for backward
     compile: bool = False             # torch.compile(model, backend="colafx")
-    dtype: str = "fp32"               # "fp32" or "bf16" (pure bf16 weights, as the paper's code)
+    dtype: str = "fp32"               # "fp32", "bf16" (pure bf16 weights, as the paper's code) or "bf16-autocast"
+    device: str = "auto"              # "auto" (CUDA when present), "cpu", "cuda", "cuda:N"
     data: Any = None                  # paths / datasets object; None: the embedded Python-docs corpus
     val_data: Any = None              # held-out data; None: hold out val_fraction of the documents
     val_fraction: float = 0.05
@@ -92,6 +101,7 @@ class PretrainConfig:
             raise ValueError("--rank and --dense exclude each other")
         if self.recompute and self.dense:
             raise ValueError("--recompute is CoLA-M and needs a CoLA model (drop --dense)")
+        resolve_device(self.device)  # a clear error for --device cuda without CUDA, before any work
 
 
 @dataclass
@@ -120,14 +130,20 @@ def lr_lambda(step: int, warmup: int, steps: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def next_token_loss(model: nn.Module, blocks: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy of predicting ``blocks[:, 1:]`` from ``blocks[:, :-1]`` (fp32 logits)."""
-    logits = model(input_ids=blocks[:, :-1], use_cache=False).logits
+def next_token_loss(model: nn.Module, blocks: torch.Tensor, reduction: str = "mean",
+                    autocast: torch.dtype | None = None) -> torch.Tensor:
+    """Cross-entropy of predicting ``blocks[:, 1:]`` from ``blocks[:, :-1]`` (fp32 logits); the
+    forward runs under ``torch.autocast(autocast)`` when given. ``blocks`` move to the model's device."""
+    blocks = to_device(blocks, model_device(model))
+    with torch.autocast(blocks.device.type, dtype=autocast, enabled=autocast is not None):
+        logits = model(input_ids=blocks[:, :-1], use_cache=False).logits
     return F.cross_entropy(logits.float().flatten(0, 1), blocks[:, 1:].flatten(), reduction=reduction)
 
 
+
 @torch.no_grad()
-def evaluate(model: nn.Module, blocks: torch.Tensor, batch_size: int, rank: int = 0, world: int = 1) -> float:
+def evaluate(model: nn.Module, blocks: torch.Tensor, batch_size: int, rank: int = 0, world: int = 1,
+             autocast: torch.dtype | None = None) -> float:
     """Mean next-token loss over every target token of ``blocks`` (rank ``r`` takes blocks r::world,
     sums are all-reduced), i.e. summed token losses / token count, not a mean of batch means."""
     was_training = model.training
@@ -136,7 +152,7 @@ def evaluate(model: nn.Module, blocks: torch.Tensor, batch_size: int, rank: int 
     total = torch.zeros(2, dtype=torch.float64)
     for i in range(0, len(mine), batch_size):
         batch = mine[i:i + batch_size]
-        total[0] += next_token_loss(model, batch, "sum").double().item()
+        total[0] += next_token_loss(model, batch, "sum", autocast).double().item()
         total[1] += batch[:, 1:].numel()
     total = dist_utils.all_reduce_sum(total)
     model.train(was_training)
@@ -259,7 +275,9 @@ def train(config: PretrainConfig) -> PretrainResult:
         TrainingDiverged: NaN/inf loss; the last good checkpoint is kept and named in the message.
     """
     config = _resolve_recipe(config)
-    env = dist_utils.setup()
+    device = resolve_device(config.device)
+    env = dist_utils.setup(device)
+    autocast = AUTOCAST.get(config.dtype) if not (config.fsdp and env.world > 1) else None
     out = Path(config.out)
     ckpt_dir = out / "checkpoints"
     if env.is_main and not config.resume and (ckpt.latest(ckpt_dir) or (out / METRICS_NAME).exists()):
@@ -275,7 +293,7 @@ def train(config: PretrainConfig) -> PretrainResult:
         state = ckpt.load_checkpoint(resume_from, model, fingerprint)
         start = state["step"]
         history = [r for r in _read_metrics(out / METRICS_NAME) if r["step"] <= start]
-    model, plain = dist_utils.wrap(model, env, config.fsdp)
+    model, plain = dist_utils.wrap(model, env, config.fsdp, device, AUTOCAST.get(config.dtype))
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_lambda(s, config.warmup, config.steps, config.min_lr_ratio))
@@ -288,6 +306,7 @@ def train(config: PretrainConfig) -> PretrainResult:
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
         tokenizer.save_pretrained(out / "model" / "tokenizer")
+        history += [{"step": start, "split": "env", **environment(device, config.dtype), "world": env.world}]
         _write_metrics(out / METRICS_NAME, history)
     stream = D.BlockStream(train_blocks, config.seed)
     global_batch = config.batch_size * config.grad_accum * env.world
@@ -298,8 +317,10 @@ def train(config: PretrainConfig) -> PretrainResult:
     model.train()
     for step in range(start, config.steps):
         t0 = time.perf_counter()
-        loss = _train_step(runner, optimizer, stream.batch(step, global_batch, env.rank, env.world), config, step)
+        loss = _train_step(runner, optimizer, stream.batch(step, global_batch, env.rank, env.world), config, step,
+                           autocast)
         scheduler.step()
+        synchronize(device)  # _train_step's .item() already waits; this keeps the timing honest if that changes
         train_time += time.perf_counter() - t0
         done = step + 1
         tok_s = (done - start) * tokens_per_step / train_time
@@ -308,7 +329,7 @@ def train(config: PretrainConfig) -> PretrainResult:
                "flops_per_s": 3 * fwd_flops * tok_s}
         rows = [row]
         if done % config.eval_every == 0 or done == config.steps:
-            val_loss = evaluate(runner, val_blocks, config.batch_size, env.rank, env.world)
+            val_loss = evaluate(runner, val_blocks, config.batch_size, env.rank, env.world, autocast)
             rows.append({"step": done, "split": "val", "loss": val_loss, "ppl": math.exp(min(val_loss, 50)),
                          "tokens": done * tokens_per_step})
         if env.is_main:
@@ -322,7 +343,7 @@ def train(config: PretrainConfig) -> PretrainResult:
     if bar is not None:
         bar.close()
     if start >= config.steps or math.isnan(val_loss):
-        val_loss = evaluate(runner, val_blocks, config.batch_size, env.rank, env.world)
+        val_loss = evaluate(runner, val_blocks, config.batch_size, env.rank, env.world, autocast)
     final = dist_utils.full_model(model, plain, env, config.fsdp)
     if env.is_main:
         import colafx
@@ -340,14 +361,16 @@ def train(config: PretrainConfig) -> PretrainResult:
                           model=final)
 
 
-def _train_step(model, optimizer, blocks: torch.Tensor, config: PretrainConfig, step: int) -> float:
+def _train_step(model, optimizer, blocks: torch.Tensor, config: PretrainConfig, step: int,
+                autocast: torch.dtype | None = None) -> float:
     """One optimizer step over ``grad_accum`` micro-batches; returns the loss averaged over ranks."""
+    blocks = to_device(blocks, model_device(model))  # one pinned, non-blocking copy per step
     micro = blocks.split(config.batch_size)
-    total = torch.zeros(1, dtype=torch.float64)
+    total = torch.zeros(1, dtype=torch.float64, device=blocks.device)
     for i, mb in enumerate(micro):
         last = i == len(micro) - 1
         with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
-            loss = next_token_loss(model, mb)
+            loss = next_token_loss(model, mb, autocast=autocast)
             if not torch.isfinite(loss):
                 _diverged(f"loss is {loss.item()} at step {step + 1}", config)
             (loss / len(micro)).backward()
@@ -435,7 +458,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=RANK_HELP + " (default: the preset's paper rank)")
     parser.add_argument("--recompute", action="store_true", help="CoLA-M: recompute all but the rank-r activations")
     parser.add_argument("--compile", action="store_true", help='torch.compile(model, backend="colafx")')
-    parser.add_argument("--dtype", choices=list(DTYPES), default=d.dtype, help="weight and compute dtype")
+    parser.add_argument("--dtype", choices=list(DTYPES), default=d.dtype,
+                        help="fp32; bf16: pure bf16 weights and optimizer state (the CoLA paper's recipe); "
+                             "bf16-autocast: fp32 master weights, bf16 matmuls (FSDP2: MixedPrecisionPolicy)")
+    parser.add_argument("--device", default=d.device, help=DEVICE_HELP)
     parser.add_argument("--data", nargs="+", default=None,
                         help=".txt/.md/.jsonl/.parquet files or folders (default: the embedded corpus of "
                              "Python's own documentation)")

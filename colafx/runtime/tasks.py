@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from colafx.runtime.device import model_device, to_device
+
 
 @dataclass(frozen=True)
 class Example:
@@ -153,6 +155,10 @@ class Batch:
     attention_mask: torch.Tensor  # [B, T]
     targets: torch.Tensor         # [B, T]: token at t+1 where scored, else -100
 
+    def to(self, device: torch.device) -> "Batch":
+        """The same batch on ``device`` (pinned, non-blocking copies to CUDA)."""
+        return Batch(*(to_device(t, device) for t in (self.input_ids, self.attention_mask, self.targets)))
+
 
 def encode_pairs(tokenizer, prompts: list[str], words: list[str], max_length: int = 256) -> Batch:
     """Encode ``prompt + word`` pairs; the word's tokens are the scored targets. Long prompts are
@@ -182,6 +188,7 @@ def scored_logits(model: nn.Module, batch: Batch) -> torch.Tensor:
     Only those positions go through the logits head: the [B, T, vocab] logits of a 49k-vocab model
     would dominate memory.
     """
+    batch = batch.to(model_device(model))
     where = batch.targets != -100
     backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -193,6 +200,7 @@ def scored_logits(model: nn.Module, batch: Batch) -> torch.Tensor:
 
 def target_logprobs(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities of the target tokens: ``(logp [n_targets], row index [n_targets])``."""
+    batch = batch.to(model_device(model))
     where = batch.targets != -100
     logits = scored_logits(model, batch)
     logp = F.log_softmax(logits.float(), dim=-1).gather(1, batch.targets[where][:, None])[:, 0]
@@ -200,8 +208,8 @@ def target_logprobs(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch
 
 
 def _mean_per_row(values: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
-    total = torch.zeros(n, dtype=values.dtype).index_add_(0, rows, values)
-    count = torch.zeros(n, dtype=values.dtype).index_add_(0, rows, torch.ones_like(values))
+    total = torch.zeros(n, dtype=values.dtype, device=values.device).index_add_(0, rows, values)
+    count = torch.zeros(n, dtype=values.dtype, device=values.device).index_add_(0, rows, torch.ones_like(values))
     return total / count
 
 
@@ -236,8 +244,8 @@ def label_loss(model: nn.Module, tokenizer, task: PromptTask, examples: list[Exa
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; choose one of {OBJECTIVES}")
     if objective == "candidates":
-        gold = torch.tensor([e.label for e in examples])
-        return F.cross_entropy(candidate_scores(model, tokenizer, task, examples), gold)
+        scores = candidate_scores(model, tokenizer, task, examples)
+        return F.cross_entropy(scores, torch.tensor([e.label for e in examples], device=scores.device))
     batch = encode_pairs(tokenizer, [task.prompt(e) for e in examples], [task.label_words[e.label] for e in examples])
     logp, rows = target_logprobs(model, batch)
     return -_mean_per_row(logp, rows, len(examples)).mean()
@@ -257,7 +265,7 @@ def accuracy(model: nn.Module, tokenizer, task: PromptTask, examples: list[Examp
     for i in range(0, len(examples), batch_size):
         chunk = examples[i: i + batch_size]
         pred = predict(model, tokenizer, task, chunk)
-        correct += int((pred == torch.tensor([e.label for e in chunk])).sum())
+        correct += int((pred.cpu() == torch.tensor([e.label for e in chunk])).sum())
     model.train(was_training)
     return correct / max(1, len(examples))
 
@@ -281,5 +289,6 @@ def read_text_blocks(path: str | Path, tokenizer, seq_len: int) -> torch.Tensor:
 
 def text_loss(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy of ``input_ids`` [B, T] (causal-LM loss)."""
+    input_ids = to_device(input_ids, model_device(model))
     logits = model(input_ids=input_ids, use_cache=False).logits
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten())

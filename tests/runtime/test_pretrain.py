@@ -76,10 +76,10 @@ def test_train_outputs_and_interrupted_resume_matches_uninterrupted(corpus, tmp_
     # Crash during step 5 (after the step-4 checkpoint), then --resume.
     real_step = P._train_step
 
-    def crash_at_5(model, optimizer, blocks, config, step):
+    def crash_at_5(model, optimizer, blocks, config, step, *rest):
         if step == 4:
             raise KeyboardInterrupt
-        return real_step(model, optimizer, blocks, config, step)
+        return real_step(model, optimizer, blocks, config, step, *rest)
     monkeypatch.setattr(P, "_train_step", crash_at_5)
     with pytest.raises(KeyboardInterrupt):
         P.train(_config(corpus, tmp_path / "cut"))
@@ -98,8 +98,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path, monkeyp
     real_loss = P.next_token_loss
     calls = {"n": 0}
 
-    def nan_from_step_3(model, blocks, reduction="mean"):
-        loss = real_loss(model, blocks, reduction)
+    def nan_from_step_3(model, blocks, reduction="mean", autocast=None):
+        loss = real_loss(model, blocks, reduction, autocast)
         if model.training:
             calls["n"] += 1
             if calls["n"] > 4:  # two micro-batches per step: step 3's first one
@@ -139,4 +139,31 @@ def test_cli_recompute_and_compile_train(corpus, tmp_path, capsys, flag):
     assert rc == 0 and "final validation loss" in printed
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r.get("split") == "train"][-1] == 2
-    assert all(math.isfinite(r["loss"]) for r in rows)
+    assert all(math.isfinite(r["loss"]) for r in rows if "loss" in r)
+
+
+def test_explicit_cpu_device_and_environment_recorded(corpus, tmp_path):
+    result = P.train(P.PretrainConfig(preset="llama-tiny", data=corpus[0], tokenizer=corpus[1], seq_len=32,
+                                      batch_size=2, steps=2, eval_every=2, eval_blocks=4, val_fraction=0.2,
+                                      out=str(tmp_path / "run"), progress=False, device="cpu",
+                                      dtype="bf16-autocast"))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    env = next(r for r in rows if r["split"] == "env")
+    assert env["device"] == "cpu" and env["dtype"] == "bf16-autocast" and env["torch"] == torch.__version__
+    assert env["triton"] and env["device_name"]
+    assert math.isfinite(result.val_loss)
+    assert next(result.model.parameters()).dtype == torch.float32  # autocast keeps fp32 master weights
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_device_cuda_without_cuda_is_a_clear_error(tmp_path, capsys):
+    from colafx.cli import main
+
+    assert main(["pretrain", "--preset", "llama-tiny", "--device", "cuda", "--out", str(tmp_path / "r")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("colafx pretrain: error: --device cuda: no CUDA device is available")
+    assert not (tmp_path / "r").exists()
+    for command in (["finetune", "--preset", "llama-tiny", "--task", "text", "--train-file", "x.txt"],
+                    ["export", "--model", "smollm2", "--out", str(tmp_path / "m.onnx")]):
+        assert main(command + ["--device", "cuda"]) == 1
+        assert "no CUDA device is available" in capsys.readouterr().err
