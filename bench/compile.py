@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 import colafx
 from colafx import presets
-from colafx.transform.io import atomic_write_bytes, atomic_write_json
+from colafx.files import atomic_write_bytes, atomic_write_json
 
 # name -> (colaify, compile options or None for eager, autocast to bf16)
 VARIANTS = {

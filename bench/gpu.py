@@ -52,7 +52,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from colafx.runtime.device import (environment, peak_memory_bytes, reset_peak_memory,  # noqa: E402
                                    resolve_device, synchronize, timed)
-from colafx.transform.io import atomic_write_json  # noqa: E402
+from colafx.files import atomic_write_json  # noqa: E402
 
 
 def _median_time(fn, device, repeats: int) -> float:

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 import colafx
 from colafx import presets
-from colafx.transform.io import atomic_write_bytes, atomic_write_json
+from colafx.files import atomic_write_bytes, atomic_write_json
 
 VARIANTS = ("dense", "CoLA", "CoLA-M", "CoLA + full ckpt", "compiled CoLA", "compiled CoLA-M")
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import tempfile
 import time
@@ -28,7 +27,7 @@ from tqdm import tqdm
 import colafx
 from colafx.runtime.export import OnnxCausalLM, export_onnx, quantize_for_export
 from colafx.runtime.models import load_model, load_tokenizer
-from colafx.transform.io import atomic_write_bytes, atomic_write_json
+from colafx.files import atomic_write_bytes, atomic_write_json
 
 VARIANTS = ("dense", "cola", "int8", "int8-head", "int4", "int4-head")
 PROMPT = "The capital of France is"

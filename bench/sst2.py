@@ -8,7 +8,6 @@ Writes ``sst2.json`` and ``sst2.png`` (dev accuracy against step) to ``--out``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -24,7 +23,7 @@ VARIANTS = {  # name -> (method, bits)
 
 def write_json(out: Path, args, runs: dict) -> None:
     """Write what has been measured so far to ``out/sst2.json`` (after every variant)."""
-    from colafx.transform.io import atomic_write_json
+    from colafx.files import atomic_write_json
 
     out.mkdir(parents=True, exist_ok=True)
     zero_shot = runs["mezo-fp32"]["curve"][0][1] if "mezo-fp32" in runs else None
@@ -84,7 +83,7 @@ def main(argv=None) -> int:
         accs = [a for _, a in r["curve"]]
         lines.append(f"| {name} | {accs[0]:.3f} | {accs[-1]:.3f} | {max(accs):.3f} | {r['step_s']:.2f} |")
     print("\n".join(lines))
-    from colafx.transform.io import atomic_write_bytes
+    from colafx.files import atomic_write_bytes
 
     import matplotlib
 

@@ -130,7 +130,7 @@ def main(argv=None) -> int:
     print(f"{args.model}, batch {args.batch_size} SST-2 prompts, {torch.get_num_threads()} threads\n")
     print("\n".join(lines))
 
-    from colafx.transform.io import atomic_write_bytes, atomic_write_json
+    from colafx.files import atomic_write_bytes, atomic_write_json
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ from .quant import interpreting, use_triton
 
 __all__ = [
     "lowrank_act",
+    "lowrank_in",
     "lowrank_act_ref",
     "lowrank_act_triton",
     "lowrank_act_dz_triton",
@@ -343,3 +344,50 @@ def lowrank_act(x: torch.Tensor, weight: torch.Tensor, act: str = "silu") -> tor
     """
     _check_inputs(x, weight, act)
     return torch.ops.colafx.lowrank_act(x, weight, act)
+
+
+# --------------------------------------------------------------------------------------------
+# colafx::lowrank_in: the pre-activation A·x that CoLA-M keeps
+# --------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("colafx::lowrank_in", mutates_args=())
+def _lowrank_in_op(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, weight)
+
+
+@_lowrank_in_op.register_fake
+def _(x, weight):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _lowrank_in_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _lowrank_in_backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    grad_x = grad.matmul(weight) if ctx.needs_input_grad[0] else None
+    grad_w = grad.reshape(-1, grad.shape[-1]).t().mm(x.reshape(-1, x.shape[-1])) if ctx.needs_input_grad[1] else None
+    return grad_x, grad_w
+
+
+_lowrank_in_op.register_autograd(_lowrank_in_backward, setup_context=_lowrank_in_setup)
+
+
+def lowrank_in(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The pre-activation ``z = x @ weight.T`` of a CoLA bottleneck as the custom op
+    ``colafx::lowrank_in`` (same numerics as ``F.linear``), so that CoLA-M's policy can keep it.
+
+    Under autocast the inputs are cast to the autocast dtype first, as autocast does for a linear.
+
+    Raises:
+        ValueError: if ``weight`` is not 2-D or its columns differ from the last dim of ``x``.
+    """
+    if weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"lowrank_in: x [..., {x.shape[-1]}] does not fit weight {tuple(weight.shape)}")
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        x, weight = x.to(dtype), weight.to(dtype)
+    return torch.ops.colafx.lowrank_in(x, weight)

@@ -3,7 +3,8 @@
 * :class:`LowerBottlenecks`: a CoLA bottleneck ``linear(σ(linear(x, A)), B)`` with σ = SiLU, no bias on
   A and a rank r below both d_in and d_out — whether it comes from a colaified model or was written
   by hand — becomes ``linear(colafx::lowrank_act(x, A, "silu"), B)``. The op saves only ``x`` and
-  ``A`` for backward and recomputes the pre-activation (the fused Triton kernel on CUDA).
+  ``A`` for backward and recomputes the pre-activation (the fused Triton kernel on CUDA). For CoLA-M
+  (``keep_pre_activation``) it becomes ``linear(silu(colafx::lowrank_in(x, A)), B)`` instead.
 * :class:`LowerQuantizedLinears`: ``linear(x, dequant(q, scale))`` with an int8 weight ``q`` [N, K]
   and a per-channel [N, 1] or per-group [N, G] scale — ``(q.float() * scale)``, or grouped as
   ``(q.float().reshape(N, G, -1) * scale[..., None]).reshape(N, K)`` — becomes
@@ -57,13 +58,22 @@ def _cast_to(graph: fx.Graph, node: fx.Node, dtype: torch.dtype | None) -> fx.No
 
 
 class LowerBottlenecks:
-    """Lower CoLA bottlenecks linear → SiLU → linear to ``colafx::lowrank_act`` (see module doc)."""
+    """Lower CoLA bottlenecks linear → SiLU → linear to ``colafx::lowrank_act`` (see module doc).
+
+    ``keep_pre_activation=True`` (what CoLA-M's recompute tagging needs) lowers only the A projection,
+    to ``colafx::lowrank_in``, and keeps the SiLU: the partitioner then saves ``A·x`` and recomputes
+    the SiLU, so neither the recompute nor the SiLU backward runs A again (the fused op would save
+    ``σ(A·x)`` and recompute ``A·x`` for its backward).
+    """
 
     name = "fuse_lowrank"
 
+    def __init__(self, keep_pre_activation: bool = False):
+        self.keep_pre_activation = keep_pre_activation
+
     def run(self, gm: fx.GraphModule) -> str:
         """Rewrite every bottleneck of ``gm`` in place; return a summary with the count."""
-        import colafx.kernels.lowrank  # noqa: F401  (registers colafx::lowrank_act)
+        import colafx.kernels.lowrank  # noqa: F401  (registers colafx::lowrank_act / lowrank_in)
 
         graph = gm.graph
         fused = 0
@@ -72,6 +82,16 @@ class LowerBottlenecks:
             if match is None:
                 continue
             pre, x, weight = match
+            if self.keep_pre_activation:
+                dtype = _val(pre).dtype if _val(pre) is not None else None
+                with graph.inserting_before(pre):
+                    op = graph.call_function(torch.ops.colafx.lowrank_in.default,
+                                             (_cast_to(graph, x, dtype), _cast_to(graph, weight, dtype)))
+                op.meta.update(pre.meta)
+                pre.replace_all_uses_with(op)
+                graph.erase_node(pre)
+                fused += 1
+                continue
             dtype = _val(act).dtype if _val(act) is not None else None
             with graph.inserting_before(act):
                 op = graph.call_function(torch.ops.colafx.lowrank_act.default,
@@ -84,6 +104,8 @@ class LowerBottlenecks:
         graph.eliminate_dead_code()
         if not fused:
             return "found no CoLA bottleneck (linear -> SiLU -> linear, rank below d_in and d_out)"
+        if self.keep_pre_activation:
+            return f"lowered {fused} bottleneck A projections to colafx::lowrank_in (CoLA-M keeps A·x)"
         return f"fused {fused} bottlenecks into colafx::lowrank_act"
 
     @staticmethod

@@ -16,7 +16,7 @@ from typing import Protocol
 
 import torch.fx as fx
 
-from colafx.transform.io import atomic_write_bytes
+from colafx.files import atomic_write_bytes
 
 log = logging.getLogger("colafx.passes")
 

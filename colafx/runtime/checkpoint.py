@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from colafx import files
 from colafx.transform import io
 from colafx.transform.io import CheckpointError
 
@@ -77,9 +78,9 @@ def save_checkpoint(root: str | os.PathLike, step: int, model: nn.Module, optimi
         io.save(model, tmp)
         torch.save({"optimizer": optimizer_state, "scheduler": scheduler_state, "rng": rng_state()},
                    tmp / STATE_NAME)
-        io.atomic_write_json(tmp / MANIFEST_NAME, {
+        files.atomic_write_json(tmp / MANIFEST_NAME, {
             "step": step, "fingerprint": fingerprint, "extra": extra or {},
-            "state_sha256": io.file_sha256(tmp / STATE_NAME)})
+            "state_sha256": files.file_sha256(tmp / STATE_NAME)})
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -91,12 +92,15 @@ def save_checkpoint(root: str | os.PathLike, step: int, model: nn.Module, optimi
     return final
 
 
-def load_checkpoint(path: str | os.PathLike, model: nn.Module, fingerprint: dict | None = None) -> dict:
+def load_checkpoint(path: str | os.PathLike, model: nn.Module, fingerprint: dict | None = None,
+                    may_differ: tuple[str, ...] = ()) -> dict:
     """Check checkpoint ``path`` and load its weights into ``model`` (unwrapped, same structure).
 
+    ``may_differ``: fingerprint keys allowed to differ (e.g. ``steps`` when a run is extended).
+
     Returns:
-        ``{"step", "extra", "optimizer", "scheduler", "rng"}``; the caller restores the optimizer,
-        scheduler and RNG (:func:`set_rng_state`) from them.
+        ``{"step", "extra", "fingerprint", "optimizer", "scheduler", "rng"}``; the caller restores the
+        optimizer, scheduler and RNG (:func:`set_rng_state`) from them.
 
     Raises:
         FileNotFoundError: ``path`` or one of its files is missing.
@@ -119,16 +123,18 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, fingerprint: dict
         step = int(manifest["step"])
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"{manifest_path} is corrupt: {err}") from None
-    if fingerprint is not None and manifest.get("fingerprint") != json_roundtrip(fingerprint):
-        saved = manifest.get("fingerprint") or {}
-        diff = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != json_roundtrip(fingerprint).get(k))
+    saved = manifest.get("fingerprint") or {}
+    diff = [] if fingerprint is None else sorted(
+        k for k in set(saved) | set(fingerprint)
+        if saved.get(k) != json_roundtrip(fingerprint).get(k) and k not in may_differ)
+    if diff:
         detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs run {fingerprint.get(k)!r}" for k in diff)
         raise CheckpointError(f"checkpoint {path} belongs to a different run ({detail}); "
                               "use a new --out folder or the same settings")
-    if io.file_sha256(path / STATE_NAME) != manifest.get("state_sha256"):
+    if files.file_sha256(path / STATE_NAME) != manifest.get("state_sha256"):
         raise CheckpointError(f"{path / STATE_NAME} is corrupt: its SHA-256 does not match {MANIFEST_NAME}")
     weights = path / io.WEIGHTS_NAME
-    if io.file_sha256(weights) != record.get("weights_sha256"):
+    if files.file_sha256(weights) != record.get("weights_sha256"):
         raise CheckpointError(f"{weights} is corrupt: its SHA-256 does not match {io.CONFIG_NAME}")
     mine = io.model_record(model)["transforms"]
     if record.get("transforms", {}) != json_roundtrip(mine):
@@ -144,7 +150,7 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, fingerprint: dict
         state = torch.load(path / STATE_NAME, map_location="cpu", weights_only=False)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means a corrupt file
         raise CheckpointError(f"{path / STATE_NAME} is corrupt: {err}") from None
-    return {"step": step, "extra": manifest.get("extra", {}), **state}
+    return {"step": step, "extra": manifest.get("extra", {}), "fingerprint": saved, **state}
 
 
 def json_roundtrip(obj):

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from colafx.runtime.device import DEVICE_HELP, resolve_device
-from colafx.transform.io import atomic_write_json
+from colafx.files import atomic_write_json
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 QUANT_OPS = {"int8": "colafx::int8_linear", "int4": "colafx::int4_linear"}

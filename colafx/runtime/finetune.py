@@ -206,7 +206,7 @@ def plot_curve(rows: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from colafx.transform.io import atomic_write_bytes
+    from colafx.files import atomic_write_bytes
 
     key = "dev_acc" if any("dev_acc" in r for r in rows) else "dev_loss"
     points = [(r["step"], r[key]) for r in rows if key in r]
@@ -222,7 +222,7 @@ def plot_curve(rows: list[dict], path: Path, title: str) -> None:
 
 def _save_checkpoint(model, optimizer, out: Path, step: int, config: FinetuneConfig, tokenizer=None) -> None:
     import colafx
-    from colafx.transform.io import atomic_write_bytes
+    from colafx.files import atomic_write_bytes
 
     folder = out / CHECKPOINT
     meta = {"step": step, "config": dataclasses.asdict(config)}
@@ -280,7 +280,7 @@ def finetune(config: FinetuneConfig) -> dict:
 
     def log(row: dict) -> None:
         history.append(row)
-        from colafx.transform.io import atomic_write_bytes
+        from colafx.files import atomic_write_bytes
 
         text = "".join(json.dumps(r) + "\n" for r in history)
         atomic_write_bytes(metrics_path, lambda tmp: Path(tmp).write_text(text))

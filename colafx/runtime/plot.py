@@ -20,7 +20,7 @@ def plot_curves(series: Mapping[str, Sequence[tuple[float, float]]], path: str |
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from colafx.transform.io import atomic_write_bytes
+    from colafx.files import atomic_write_bytes
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
     for name, points in series.items():

@@ -13,7 +13,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -290,8 +289,15 @@ def train(config: PretrainConfig) -> PretrainResult:
     start, history, state = 0, [], None
     resume_from = ckpt.latest(ckpt_dir) if config.resume else None
     if resume_from is not None:
-        state = ckpt.load_checkpoint(resume_from, model, fingerprint)
+        state = ckpt.load_checkpoint(resume_from, model, fingerprint, may_differ=("steps", "warmup"))
         start = state["step"]
+        before = state["fingerprint"].get("steps")
+        if start > config.steps:
+            raise ValueError(f"{resume_from} is at step {start}, past --steps {config.steps}; pass a larger --steps")
+        if before != config.steps and env.is_main:
+            print(f"resuming at step {start}: the run is {'extended' if config.steps > before else 'shortened'} "
+                  f"from {before} to {config.steps} steps; the LR schedule (warmup {config.warmup}, cosine "
+                  f"decay) is recomputed for {config.steps}", flush=True)
         history = [r for r in _read_metrics(out / METRICS_NAME) if r["step"] <= start]
     model, plain = dist_utils.wrap(model, env, config.fsdp, device, AUTOCAST.get(config.dtype))
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -413,7 +419,7 @@ def _read_metrics(path: Path) -> list[dict]:
 
 
 def _write_metrics(path: Path, rows: list[dict]) -> None:
-    from colafx.transform.io import atomic_write_bytes
+    from colafx.files import atomic_write_bytes
 
     def write(tmp):
         with open(tmp, "w") as f:

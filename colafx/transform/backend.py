@@ -35,7 +35,8 @@ class BackendOptions:
     ``quantized``: lower int8 dequantize+linear patterns to ``colafx::int8_linear``.
     ``act_bits``: activation bits for those lowered linears (16 keeps numerics, 8 = W8A8).
     ``recompute``: tag CoLA-M recompute boundaries: every op of a decoder block is recomputed in
-        backward except the bottleneck outputs (implies bottleneck lowering, also on the CPU).
+        backward except the bottleneck pre-activations ``A·x`` (bottlenecks are then lowered to
+        ``colafx::lowrank_in`` + SiLU on every device, so A never runs twice).
     ``dump``: folder for before/after graph dumps and summaries (default: ``COLAFX_DEBUG``).
     ``verbose``: print pass summaries (default: when dumping).
     ``compiler``: "inductor" (default) or "aot_eager" (AOT autograd with the min-cut partitioner
@@ -62,7 +63,7 @@ class BackendOptions:
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.recompute and self.fuse_lowrank is False:
             raise ValueError("recompute=True needs fuse_lowrank (True or 'auto'): CoLA-M keeps the outputs "
-                             "of the colafx::lowrank_act ops that fuse_lowrank inserts")
+                             "of the colafx::lowrank_in ops that fuse_lowrank inserts")
 
     @classmethod
     def from_dict(cls, options: dict[str, Any] | None) -> "BackendOptions":
@@ -86,7 +87,7 @@ def build_pipeline(options: BackendOptions, on_cuda: bool = False) -> PassManage
     """
     passes = []
     if options.fuse_lowrank is True or (options.fuse_lowrank == "auto" and (on_cuda or options.recompute)):
-        passes.append(LowerBottlenecks())
+        passes.append(LowerBottlenecks(keep_pre_activation=options.recompute))
     if options.quantized:
         passes.append(LowerQuantizedLinears(options.act_bits))
     if options.recompute:

@@ -7,17 +7,16 @@ leaves a half-written checkpoint behind.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
+from colafx.files import atomic_write_bytes, atomic_write_json, file_sha256
 from colafx.transform.modules import CoLALinear
 
 WEIGHTS_NAME = "model.safetensors"
@@ -64,37 +63,6 @@ def _rebuild_cola(model: nn.Module, sites: dict) -> None:
 
 
 register_transform("cola", _record_cola, _rebuild_cola)
-
-
-def atomic_write_bytes(path: Path, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` then atomically rename the temporary file to ``path``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    """Write ``obj`` as JSON to ``path`` atomically."""
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True, default=str)
-    atomic_write_bytes(path, write)
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def model_record(model: nn.Module) -> dict:

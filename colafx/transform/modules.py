@@ -21,8 +21,9 @@ class CoLALinear(nn.Module):
 
     ``cola_a`` (d_in→rank, no bias) and ``cola_b`` (rank→d_out, bias if the original had one) are
     ordinary ``nn.Linear`` modules, so quantizers, LoRA and optimizers see familiar parameters.
-    When ``fused`` is true the bottleneck runs as the custom op ``colafx::lowrank_act`` (the fused
-    Triton kernel on CUDA), which is also what CoLA-M's recompute policy keeps for backward.
+    When ``fused`` is true (default: on CUDA) the bottleneck runs as the custom op
+    ``colafx::lowrank_act`` (the fused Triton kernel on CUDA). Under CoLA-M the A projection runs as
+    ``colafx::lowrank_in`` instead, on every device, and its output ``A·x`` is what is kept.
     """
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = False,
@@ -42,7 +43,9 @@ class CoLALinear(nn.Module):
         """The rank-r activation ``σ(A·x)``."""
         a = self.cola_a
         use_op = self.fused if self.fused is not None else x.is_cuda
-        if use_op and isinstance(a, nn.Linear):
+        # Under CoLA-M the A projection runs as colafx::lowrank_in (an instance forward): its output
+        # A·x is what is kept, so the SiLU must not be fused into the GEMM there.
+        if use_op and isinstance(a, nn.Linear) and "forward" not in vars(a):
             from colafx.kernels.lowrank import lowrank_act
 
             return lowrank_act(x, a.weight, self.act)

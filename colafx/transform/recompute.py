@@ -9,11 +9,11 @@ block runs as the custom op ``colafx::lowrank_in`` (``z = A·x``, the same ``F.l
 norms, SiLU, B projections, RoPE, attention and MLP products are recomputed in backward. Keeping
 ``z`` rather than ``σ(z)`` costs the same memory (r values per token and site) but lets the SiLU
 backward use it directly, so the A projections are never run twice; keeping ``σ(z)`` would force
-recomputing ``A·x`` for the SiLU derivative, i.e. the same work as full-block checkpointing. A CoLA
-module that runs the fused op ``colafx::lowrank_act`` (``fused=True``, or on CUDA by default) keeps
-that op's output ``σ(z)`` instead. Under ``torch.compile`` the same policy becomes
-``node.meta["recompute"]`` tags. ``policy="full"`` checkpoints whole blocks (only the block input
-is kept).
+recomputing ``A·x`` for the SiLU derivative, i.e. the same work as full-block checkpointing. So
+under CoLA-M every CoLA module runs ``colafx::lowrank_in`` + SiLU, also where it would otherwise use
+the fused ``colafx::lowrank_act`` (on CUDA). Under ``torch.compile`` the same policy becomes
+``node.meta["recompute"]`` tags on ``colafx::lowrank_in`` nodes. ``policy="full"`` checkpoints
+whole blocks (only the block input is kept).
 
 Blocks run without checkpointing when autograd is off (``torch.no_grad``, ``generate``). A
 checkpointed block must be a pure function of its tensor inputs, so state that the block mutates in
@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
+from colafx.kernels.lowrank import lowrank_in
 from colafx.passes.projections import BLOCK_ROLES
 from colafx.passes.recompute import find_blocks, recompute_policy
 from colafx.transform.modules import CoLALinear
@@ -51,48 +52,6 @@ class _BlockState:
     policy: str
     own_forward: object | None  # an instance-level forward that was there before (e.g. accelerate hooks)
     a_projections: list[str] = field(default_factory=list)  # A projections switched to colafx::lowrank_in
-
-
-@torch.library.custom_op("colafx::lowrank_in", mutates_args=())
-def _lowrank_in_op(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return F.linear(x, weight)
-
-
-@_lowrank_in_op.register_fake
-def _(x, weight):
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
-
-
-def _lowrank_in_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-def _lowrank_in_backward(ctx, grad):
-    x, weight = ctx.saved_tensors
-    grad_x = grad.matmul(weight) if ctx.needs_input_grad[0] else None
-    grad_w = grad.reshape(-1, grad.shape[-1]).t().mm(x.reshape(-1, x.shape[-1])) if ctx.needs_input_grad[1] else None
-    return grad_x, grad_w
-
-
-_lowrank_in_op.register_autograd(_lowrank_in_backward, setup_context=_lowrank_in_setup)
-
-
-def lowrank_in(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """The pre-activation ``z = x @ weight.T`` of a CoLA bottleneck as the custom op
-    ``colafx::lowrank_in`` (same numerics as ``F.linear``), so that CoLA-M's policy can keep it.
-
-    Under autocast the inputs are cast to the autocast dtype first, as autocast does for a linear.
-
-    Raises:
-        ValueError: if ``weight`` is not 2-D or its columns differ from the last dim of ``x``.
-    """
-    if weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"lowrank_in: x [..., {x.shape[-1]}] does not fit weight {tuple(weight.shape)}")
-    device = x.device.type
-    if torch.is_autocast_enabled(device):
-        dtype = torch.get_autocast_dtype(device)
-        x, weight = x.to(dtype), weight.to(dtype)
-    return torch.ops.colafx.lowrank_in(x, weight)
 
 
 def _a_projection_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:

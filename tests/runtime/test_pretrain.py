@@ -167,3 +167,23 @@ def test_device_cuda_without_cuda_is_a_clear_error(tmp_path, capsys):
                     ["export", "--model", "smollm2", "--out", str(tmp_path / "m.onnx")]):
         assert main(command + ["--device", "cuda"]) == 1
         assert "no CUDA device is available" in capsys.readouterr().err
+
+
+def test_resume_with_more_steps_extends_the_run(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    first = P.train(_config(corpus, out, steps=4, eval_every=2))
+    capsys.readouterr()
+    more = P.train(_config(corpus, out, steps=6, eval_every=2, resume=True))
+    assert "the run is extended from 4 to 6 steps; the LR schedule" in capsys.readouterr().out
+    assert [r["step"] for r in more.history if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]
+    assert _train_losses(more.history)[:4] == _train_losses(first.history)
+    lrs = {r["step"]: r["lr"] for r in more.history if r["split"] == "train"}
+    cfg = P._resolve_recipe(_config(corpus, out, steps=6))
+    # a row's lr is the one set for the next step; under the old 4-step schedule step 5's would be the floor
+    assert lrs[5] == pytest.approx(cfg.lr * P.lr_lambda(5, cfg.warmup, 6, cfg.min_lr_ratio))
+    assert lrs[5] > cfg.lr * cfg.min_lr_ratio * 1.5
+    assert [p.name for p in ckpt.checkpoints(out / "checkpoints")][-1] == "step-00000006"
+    with pytest.raises(ValueError, match="at step 6, past --steps 5"):
+        P.train(_config(corpus, out, steps=5, resume=True))
+    with pytest.raises(ckpt.CheckpointError, match="different run.*seed"):
+        P.train(_config(corpus, out, steps=8, resume=True, seed=1))

@@ -18,7 +18,6 @@ import torch
 
 import colafx
 from colafx.passes.capture import is_hf_causal_lm
-from colafx.passes.projections import ATTN_ROLES
 from colafx.transform.colaify import apply_plan
 from tests.arch_sweep import build_tiny, causal_lm_classes, expected_sites, role_ok
 

@@ -117,7 +117,7 @@ def test_hf_training_matches_eager_without_recompiling_and_under_no_grad():
             torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-4)
     assert len(graphs) == 1, "recompiled across training steps at a fixed shape"
     report = summaries(graphs)
-    assert report["fuse_lowrank"] == "fused 14 bottlenecks into colafx::lowrank_act"
+    assert report["fuse_lowrank"] == "lowered 14 bottleneck A projections to colafx::lowrank_in (CoLA-M keeps A·x)"
     assert report["recompute"].startswith("tagged ")
 
     with torch.no_grad():
@@ -154,7 +154,7 @@ def test_plain_pytorch_llama_matches_eager():
     expected.square().mean().backward()
     for p, p_ref in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(p.grad, p_ref.grad, atol=1e-5, rtol=1e-4)
-    assert summaries(graphs)["fuse_lowrank"] == "fused 14 bottlenecks into colafx::lowrank_act"
+    assert summaries(graphs)["fuse_lowrank"] == "lowered 14 bottleneck A projections to colafx::lowrank_in (CoLA-M keeps A·x)"
 
 
 def test_dense_model_compiles_and_says_nothing_was_found(monkeypatch, tmp_path, capsys):
@@ -235,11 +235,11 @@ def _saved_in_blocks(recompute: bool):
 
 def test_compiled_cola_m_saves_only_rank_r_tensors_and_block_inputs():
     """What the partitioned forward of torch.compile(..., options={"recompute": True}) keeps from a
-    block: the 7 rank-16 bottleneck outputs per layer and the residual stream between blocks."""
+    block: the 7 rank-16 pre-activations A·x per layer and the residual stream between blocks."""
     saved = _saved_in_blocks(recompute=True)
-    bottlenecks = [s for s in saved if "lowrank_act" in s[0]]
+    bottlenecks = [s for s in saved if "lowrank_in" in s[0]]  # A·x: the SiLU backward needs no A rerun
     assert len(bottlenecks) == 2 * 7 and all(shape == (2, 16, 16) for _, shape in bottlenecks)
-    rest = [s for s in saved if "lowrank_act" not in s[0]]
+    rest = [s for s in saved if "lowrank_in" not in s[0]]
     assert len(rest) <= 1 and all(shape == (2, 16, 64) for _, shape in rest), rest  # layer 0's output
     # Without recompute the same step keeps far more of each block (norms, q/k/v, MLP products).
     plain = _saved_in_blocks(recompute=False)
