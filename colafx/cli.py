@@ -1,4 +1,4 @@
-"""The ``colafx`` command line: ``colafx plan | pretrain | finetune | export``.
+"""The ``colafx`` command line: ``colafx plan | prepare | pretrain | finetune | export``.
 
 Each sub-command lives next to the code it runs: the module named in ``COMMANDS`` provides
 ``add_arguments(parser)`` and ``run_cli(args) -> int``; it is imported only when that command runs.
@@ -11,6 +11,7 @@ import sys
 
 COMMANDS = {
     "plan": ("colafx.cli", "dry-run colaify on a preset or model: per-projection ranks, params, FLOPs"),
+    "prepare": ("colafx.runtime.prepare", "tokenize a corpus into memory-mapped token shards for pretrain"),
     "pretrain": ("colafx.runtime.pretrain", "pre-train a LLaMA with CoLA (or dense) and report perplexity"),
     "finetune": ("colafx.runtime.finetune", "fine-tune with QuZO / MeZO (forward passes only) or AdamW"),
     "export": ("colafx.runtime.export", "export a model to ONNX for onnxruntime inference"),

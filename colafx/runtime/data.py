@@ -81,7 +81,7 @@ def read_texts(source) -> list[str]:
     docs: list[str] = []
     for item in source:
         if isinstance(item, (str, os.PathLike)) and not (isinstance(item, str) and _looks_like_text(item)):
-            docs += _read_path(Path(item))
+            docs += [doc for path in expand_sources([item]) for doc in iter_path(path)]
         elif isinstance(item, dict):
             if "text" not in item:
                 raise ValueError(f"dataset rows need a 'text' field; got keys {sorted(item)}")
@@ -101,39 +101,99 @@ def _looks_like_text(item: str) -> bool:
     return "\n" in item or len(item) > 1024
 
 
-def _read_path(path: Path) -> list[str]:
-    if not path.exists():
-        raise FileNotFoundError(f"data path {path} does not exist")
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file()
-                       and (p.suffix in TEXT_SUFFIXES or p.suffix in (".jsonl", ".parquet")))
-        if not files:
-            raise FileNotFoundError(f"no .txt/.md/.jsonl/.parquet files in {path}")
-        return [doc for f in files for doc in _read_path(f)]
-    if path.suffix == ".jsonl":
-        docs = []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{lineno} is not valid JSON: {err}") from None
-                if not isinstance(row, dict) or "text" not in row:
-                    raise ValueError(f"{path}:{lineno} has no 'text' field")
-                docs.append(row["text"])
-        return docs
-    if path.suffix == ".parquet":
+
+def _kind(path: Path) -> str | None:
+    name = path.name.lower()
+    for suffix in (".jsonl.zst", ".json.zst", ".jsonl.gz", ".json.gz", ".jsonl", ".parquet"):
+        if name.endswith(suffix):
+            return suffix
+    return "text" if path.suffix in TEXT_SUFFIXES or not path.suffix else None
+
+
+def expand_sources(sources) -> list[Path]:
+    """Files named by ``sources`` (paths, folders searched recursively, or globs), in a fixed order.
+
+    Raises:
+        FileNotFoundError: a path or glob matches nothing, or a folder holds no supported file.
+    """
+    import glob
+
+    if isinstance(sources, (str, os.PathLike)):
+        sources = [sources]
+    files: list[Path] = []
+    for source in sources:
+        text = str(source)
+        if any(c in text for c in "*?[") and not Path(text).exists():
+            matches = sorted(Path(m) for m in glob.glob(text, recursive=True))
+            if not matches:
+                raise FileNotFoundError(f"data glob {text} matches no file")
+            files += [m for m in matches if m.is_file()]
+            continue
+        path = Path(source)
+        if not path.exists():
+            raise FileNotFoundError(f"data path {path} does not exist")
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and _kind(p) is not None
+                           and not p.name.startswith("."))
+            if not found:
+                raise FileNotFoundError(f"no .txt/.md/.jsonl/.json.gz/.jsonl.zst/.parquet files in {path}")
+            files += found
+        else:
+            files.append(path)
+    return files
+
+
+def iter_path(path: Path):
+    """Stream the documents of one file: a ``.txt``/``.md`` file is one document; ``.jsonl``,
+    ``.json.gz`` / ``.jsonl.gz`` (C4's ``c4-train.00000-of-01024.json.gz``) and ``.jsonl.zst`` hold one
+    JSON object with a ``"text"`` field per line; ``.parquet`` a ``"text"`` column (read in batches).
+
+    Raises:
+        ValueError: an unsupported file, a line that is not JSON or has no ``"text"``.
+        ImportError: ``.parquet`` without ``pyarrow``, ``.zst`` without ``zstandard``.
+    """
+    kind = _kind(path)
+    if kind is None:
+        raise ValueError(f"unsupported data file {path}: use .txt/.md, .jsonl, .json.gz, .jsonl.zst or .parquet")
+    if kind == "text":
+        yield path.read_text(encoding="utf-8")
+        return
+    if kind == ".parquet":
         try:
             import pyarrow.parquet as pq
         except ImportError:
             raise ImportError(f"reading {path} needs pyarrow: pip install pyarrow") from None
-        table = pq.read_table(path, columns=["text"])
-        return [t for t in table.column("text").to_pylist() if t]
-    if path.suffix in TEXT_SUFFIXES or not path.suffix:
-        return [path.read_text(encoding="utf-8")]
-    raise ValueError(f"unsupported data file {path}: use .txt/.md, .jsonl or .parquet")
+        for batch in pq.ParquetFile(path).iter_batches(columns=["text"], batch_size=4096):
+            yield from (t for t in batch.column(0).to_pylist() if t)
+        return
+    with _open_lines(path, kind) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{lineno} is not valid JSON: {err}") from None
+            if not isinstance(row, dict) or "text" not in row:
+                raise ValueError(f"{path}:{lineno} has no 'text' field")
+            yield row["text"]
+
+
+def _open_lines(path: Path, kind: str):
+    import io
+
+    if kind.endswith(".gz"):
+        import gzip
+
+        return gzip.open(path, "rt", encoding="utf-8")
+    if kind.endswith(".zst"):
+        try:
+            import zstandard
+        except ImportError:
+            raise ImportError(f"reading {path} needs zstandard: pip install zstandard") from None
+        raw = open(path, "rb")
+        return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True), encoding="utf-8")
+    return open(path, encoding="utf-8")
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int):
@@ -271,3 +331,113 @@ class BlockStream:
         start = step * global_batch + rank * local
         idx = [self._perm(p // len(self.blocks))[p % len(self.blocks)] for p in range(start, start + local)]
         return self.blocks[torch.stack(idx)]
+
+
+class PreparedCorpus:
+    """Training windows of ``seq_len + 1`` tokens read from the memory-mapped shards that
+    ``colafx prepare`` wrote; the same ``batch(step, ...)`` contract as :class:`BlockStream`.
+
+    Window ``i`` of epoch ``e`` is window ``(a·i + b) mod N`` of the shards in order, with ``a``
+    coprime to ``N`` and ``a, b`` drawn from ``seed`` and ``e``: a seeded permutation that needs no
+    memory, so memory does not grow with the corpus. Windows never cross a shard boundary.
+
+    Raises:
+        FileNotFoundError / ValueError: no index, a missing or truncated shard (see
+            :func:`colafx.runtime.prepare.read_index`), or fewer tokens than one window.
+    """
+
+    def __init__(self, directory: str | os.PathLike, seq_len: int, seed: int = 0):
+        import numpy as np
+
+        from colafx.runtime.prepare import _check_shards, read_index
+
+        self.directory, self.window, self.seed = Path(directory), seq_len + 1, seed
+        self.index = read_index(self.directory)
+        if not self.index.get("complete"):
+            raise ValueError(f"{directory} is not finished: run colafx prepare again to resume it")
+        _check_shards(self.directory, self.index)
+        self.dtype = np.dtype(self.index["dtype"])
+        counts = [s["tokens"] // self.window for s in self.index["shards"]]
+        self.starts = np.cumsum([0] + counts)
+        if self.starts[-1] == 0:
+            raise ValueError(f"{directory} holds fewer than {self.window} tokens: no training window")
+        self._maps: dict[int, object] = {}
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def fingerprint(self) -> str:
+        """SHA-256 over the shards' checksums and the window length (what resume compares)."""
+        import hashlib
+
+        payload = json.dumps([[s["sha256"] for s in self.index["shards"]], self.window])
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+    def _map(self, shard: int):
+        import numpy as np
+
+        if shard not in self._maps:
+            path = self.directory / self.index["shards"][shard]["file"]
+            self._maps[shard] = np.memmap(path, dtype=self.dtype, mode="r")
+        return self._maps[shard]
+
+    def _position(self, p: int) -> int:
+        import math
+
+        n = len(self)
+        epoch, i = divmod(p, n)
+        rng = random.Random(self.seed * 1_000_003 + epoch)
+        a = rng.randrange(1, max(n, 2))
+        while math.gcd(a, n) != 1:
+            a = a % n + 1
+        return (a * i + rng.randrange(n)) % n
+
+    def window_at(self, w: int) -> torch.Tensor:
+        """Window ``w`` (in shard order) as int64 token ids."""
+        import numpy as np
+
+        shard = int(np.searchsorted(self.starts, w, side="right") - 1)
+        offset = (w - int(self.starts[shard])) * self.window
+        return torch.from_numpy(np.asarray(self._map(shard)[offset: offset + self.window], dtype=np.int64))
+
+    def batch(self, step: int, global_batch: int, rank: int = 0, world: int = 1) -> torch.Tensor:
+        """The ``[global_batch // world, seq_len + 1]`` windows of ``rank`` at ``step``.
+
+        Raises:
+            ValueError: ``global_batch`` is not divisible by ``world``.
+        """
+        if global_batch % world:
+            raise ValueError(f"global batch {global_batch} is not divisible by {world} processes")
+        local = global_batch // world
+        start = step * global_batch + rank * local
+        return torch.stack([self.window_at(self._position(p)) for p in range(start, start + local)])
+
+
+def prepared_val_blocks(directory: str | os.PathLike, seq_len: int, max_tokens: int | None = None) -> torch.Tensor:
+    """The validation windows of a prepared directory (``val.bin``), at most ``max_tokens`` tokens.
+
+    Raises:
+        ValueError: the directory has no ``val.bin`` (prepare with --val-tokens or --val-data).
+    """
+    import numpy as np
+
+    from colafx.runtime.prepare import read_index
+
+    index = read_index(directory)
+    if not index.get("val"):
+        raise ValueError(f"{directory} has no validation shard: prepare it with --val-tokens or --val-data, "
+                         "or pass --val-data to pretrain")
+    tokens = np.fromfile(Path(directory) / index["val"]["file"], dtype=np.dtype(index["dtype"]))
+    if max_tokens:
+        tokens = tokens[: max(max_tokens, seq_len + 1)]
+    n = len(tokens) // (seq_len + 1)
+    if n == 0:
+        raise ValueError(f"{directory}/val.bin holds fewer than {seq_len + 1} tokens")
+    return torch.from_numpy(tokens[: n * (seq_len + 1)].astype(np.int64)).view(n, seq_len + 1)
+
+
+def is_prepared(source) -> bool:
+    """True if ``source`` (or the single item of a list) is a directory written by ``colafx prepare``."""
+    if isinstance(source, (list, tuple)) and len(source) == 1:
+        source = source[0]
+    return isinstance(source, (str, os.PathLike)) and (Path(source) / "index.json").is_file()

@@ -62,6 +62,7 @@ class PretrainConfig:
     data: Any = None                  # paths / datasets object; None: the embedded Python-docs corpus
     val_data: Any = None              # held-out data; None: hold out val_fraction of the documents
     val_fraction: float = 0.05
+    val_tokens: int | None = None     # cap on validation tokens (a fixed budget, as the paper evaluates)
     tokenizer: str | None = None      # HF folder / tokenizer.json / .gguf; None: train a byte-level BPE
     seq_len: int = 128
     batch_size: int = 8
@@ -167,6 +168,8 @@ def prepare_data(config: PretrainConfig, tokenizer_dir: Path | None):
     """
     from colafx import presets
 
+    if config.data is not None and D.is_prepared(config.data):
+        return _prepared_data(config)
     docs = D.embedded_corpus() if config.data is None else D.read_texts(config.data)
     if config.val_data is not None:
         train_docs, val_docs = docs, D.read_texts(config.val_data)
@@ -185,6 +188,31 @@ def prepare_data(config: PretrainConfig, tokenizer_dir: Path | None):
     eos = tokenizer.eos_token_id
     train = D.pack(D.encode(train_docs, tokenizer), config.seq_len, eos)
     val = D.pack(D.encode(val_docs, tokenizer), config.seq_len, eos)
+    if config.val_tokens:
+        val = val[: max(1, config.val_tokens // (config.seq_len + 1))]
+    if config.eval_blocks is not None:
+        val = val[: config.eval_blocks]
+    return tokenizer, train, val
+
+
+def _prepared_data(config: PretrainConfig):
+    """A ``colafx prepare`` directory: memory-mapped training windows, validation from ``val.bin`` (or
+    ``--val-data``) capped at ``--val-tokens``, and the tokenizer recorded in its index."""
+    from colafx.runtime.prepare import read_index, tokenizer_fingerprint
+
+    folder = Path(config.data[0] if isinstance(config.data, (list, tuple)) else config.data)
+    index = read_index(folder)
+    tokenizer = D.load_any_tokenizer(config.tokenizer or index["tokenizer"]["path"])
+    if tokenizer_fingerprint(tokenizer) != index["tokenizer"]["fingerprint"]:
+        raise ValueError(f"--tokenizer {config.tokenizer} differs from the one {folder} was prepared with "
+                         f"({index['tokenizer']['path']}): the token ids would not match")
+    train = D.PreparedCorpus(folder, config.seq_len, config.seed)
+    if config.val_data is not None:
+        docs = D.read_texts(config.val_data)
+        val = D.pack(D.encode(docs, tokenizer), config.seq_len, tokenizer.eos_token_id)
+        val = val[: max(1, config.val_tokens // (config.seq_len + 1))] if config.val_tokens else val
+    else:
+        val = D.prepared_val_blocks(folder, config.seq_len, config.val_tokens)
     if config.eval_blocks is not None:
         val = val[: config.eval_blocks]
     return tokenizer, train, val
@@ -248,7 +276,8 @@ def _fingerprint(config: PretrainConfig, model: nn.Module, train_blocks: torch.T
     fp = {k: getattr(config, k) for k in keys}
     fp["global_batch"] = config.batch_size * config.grad_accum * world
     fp["params"] = sum(p.numel() for p in model.parameters())
-    fp["train_data_sha256"] = hashlib.sha256(train_blocks.numpy().tobytes()).hexdigest()
+    fp["train_data_sha256"] = (train_blocks.fingerprint() if isinstance(train_blocks, D.PreparedCorpus)
+                               else hashlib.sha256(train_blocks.numpy().tobytes()).hexdigest())
     return fp
 
 
@@ -314,7 +343,7 @@ def train(config: PretrainConfig) -> PretrainResult:
         tokenizer.save_pretrained(out / "model" / "tokenizer")
         history += [{"step": start, "split": "env", **environment(device, config.dtype), "world": env.world}]
         _write_metrics(out / METRICS_NAME, history)
-    stream = D.BlockStream(train_blocks, config.seed)
+    stream = train_blocks if isinstance(train_blocks, D.PreparedCorpus) else D.BlockStream(train_blocks, config.seed)
     global_batch = config.batch_size * config.grad_accum * env.world
     tokens_per_step = global_batch * config.seq_len
     save_every = config.save_every or config.eval_every
@@ -469,10 +498,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "bf16-autocast: fp32 master weights, bf16 matmuls (FSDP2: MixedPrecisionPolicy)")
     parser.add_argument("--device", default=d.device, help=DEVICE_HELP)
     parser.add_argument("--data", nargs="+", default=None,
-                        help=".txt/.md/.jsonl/.parquet files or folders (default: the embedded corpus of "
-                             "Python's own documentation)")
+                        help="a directory written by colafx prepare (memory-mapped shards), or "
+                             ".txt/.md/.jsonl/.json.gz/.parquet files, folders or globs (read into memory; "
+                             "default: the embedded corpus of Python's own documentation)")
     parser.add_argument("--val-data", nargs="+", default=None,
-                        help="validation files (default: hold out --val-fraction of the documents)")
+                        help="validation files (default: hold out --val-fraction of the documents, or a "
+                             "prepared directory's val.bin)")
+    parser.add_argument("--val-tokens", type=int, default=None,
+                        help="evaluate on at most this many held-out tokens (default: all)")
     parser.add_argument("--val-fraction", type=float, default=d.val_fraction, help="held-out share of the data")
     parser.add_argument("--tokenizer", default=None,
                         help="HF tokenizer folder, tokenizer.json, .gguf or 'smollm2' (default: train a byte-level "

@@ -50,7 +50,7 @@ def test_read_texts_errors(tmp_path):
         D.read_texts([{"sentence": "no"}])
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(FileNotFoundError, match="no .txt/.md/.jsonl/.parquet files"):
+    with pytest.raises(FileNotFoundError, match=r"no .txt/.md/.jsonl/.json.gz/.jsonl.zst/.parquet files"):
         D.read_texts(empty)
 
 
