@@ -21,6 +21,7 @@ from tqdm import tqdm
 import colafx
 from colafx import presets
 from colafx.files import atomic_write_bytes, atomic_write_json
+from colafx.runtime.device import environment
 
 # name -> (colaify, compile options or None for eager, autocast to bf16)
 VARIANTS = {
@@ -115,7 +116,8 @@ def main():
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out / "compile.json", {
         "preset": args.preset, "batch": args.batch, "seq_len": args.seq_len, "steps": args.steps,
-        "threads": torch.get_num_threads(), "torch": torch.__version__, "rows": rows, "speedups": speedups})
+        "threads": torch.get_num_threads(), "torch": torch.__version__, "rows": rows, "speedups": speedups,
+        "environment": environment(torch.device("cpu"), "fp32")})
     plot(rows, args, args.out / "compile.png")
 
 

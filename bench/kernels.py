@@ -227,6 +227,9 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     record = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "torch": torch.__version__, "cpu": rows, "sqnr_db": sq, "cuda": gpu}
+    from colafx.runtime.device import environment
+
+    record["environment"] = environment(torch.device("cpu"), "fp32")
     (args.out / "kernels.json").write_text(json.dumps(record, indent=2))
     plot(rows, args.out / "kernels.png")
     print(f"\nwrote {args.out / 'kernels.json'} and {args.out / 'kernels.png'}")

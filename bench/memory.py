@@ -24,6 +24,7 @@ from tqdm import tqdm
 import colafx
 from colafx import presets
 from colafx.files import atomic_write_bytes, atomic_write_json
+from colafx.runtime.device import environment
 
 VARIANTS = ("dense", "CoLA", "CoLA-M", "CoLA + full ckpt", "compiled CoLA", "compiled CoLA-M")
 
@@ -126,7 +127,8 @@ def main():
 
     args.out.mkdir(parents=True, exist_ok=True)
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    atomic_write_json(args.out / "memory.json", {"config": config, "threads": torch.get_num_threads(), "rows": rows})
+    atomic_write_json(args.out / "memory.json", {"config": config, "threads": torch.get_num_threads(), "rows": rows,
+                                                    "environment": environment(torch.device("cpu"), "fp32")})
     atomic_write_bytes(args.out / "memory.png", lambda tmp: plot(rows, args, tmp))
 
 

@@ -28,6 +28,7 @@ import colafx
 from colafx.runtime.export import OnnxCausalLM, export_onnx, quantize_for_export
 from colafx.runtime.models import load_model, load_tokenizer
 from colafx.files import atomic_write_bytes, atomic_write_json
+from colafx.runtime.device import environment
 
 VARIANTS = ("dense", "cola", "int8", "int8-head", "int4", "int4-head")
 PROMPT = "The capital of France is"
@@ -159,7 +160,8 @@ def main(argv=None) -> int:
               f"{'yes' if r['greedy_match'] else 'no'} |")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "onnx_latency.json", {"args": vars(args), "rows": rows})
+    atomic_write_json(out / "onnx_latency.json", {"args": vars(args), "rows": rows,
+                                                   "environment": environment(torch.device("cpu"), "fp32")})
     plot(rows, out / "onnx_latency.png")
     print(f"\nwrote {out / 'onnx_latency.json'} and {out / 'onnx_latency.png'}")
     return 0

@@ -23,11 +23,15 @@ VARIANTS = {  # name -> (method, bits)
 
 def write_json(out: Path, args, runs: dict) -> None:
     """Write what has been measured so far to ``out/sst2.json`` (after every variant)."""
+    import torch
+
     from colafx.files import atomic_write_json
+    from colafx.runtime.device import environment
 
     out.mkdir(parents=True, exist_ok=True)
     zero_shot = runs["mezo-fp32"]["curve"][0][1] if "mezo-fp32" in runs else None
-    atomic_write_json(out / "sst2.json", {"args": vars(args), "zero_shot_fp32": zero_shot, "runs": runs})
+    atomic_write_json(out / "sst2.json", {"args": vars(args), "zero_shot_fp32": zero_shot, "runs": runs,
+                                         "environment": environment(torch.device("cpu"), None)})
 
 
 def main(argv=None) -> int:

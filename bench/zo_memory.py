@@ -132,9 +132,12 @@ def main(argv=None) -> int:
 
     from colafx.files import atomic_write_bytes, atomic_write_json
 
+    from colafx.runtime.device import environment
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "zo_memory.json", {"args": vars(args), "results": results})
+    atomic_write_json(out / "zo_memory.json", {"args": vars(args), "results": results,
+                                               "environment": environment(torch.device("cpu"), None)})
     import matplotlib
 
     matplotlib.use("Agg")
