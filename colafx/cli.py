@@ -66,10 +66,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Appends "(default: ...)" unless the help text already says what the default is."""
+    """Appends "(default: ...)" unless the help text already says what the default is, the flag is
+    required, or there is no default."""
 
     def _get_help_string(self, action):
-        if "default" in (action.help or "").lower():
+        if "default" in (action.help or "").lower() or action.required or action.default is None:
             return action.help
         return super()._get_help_string(action)
 
