@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -21,7 +20,7 @@ from tqdm import tqdm
 import colafx
 from colafx import presets
 from colafx.files import atomic_write_bytes, atomic_write_json
-from colafx.runtime.device import environment
+from colafx.runtime.device import DEVICE_HELP, environment, resolve_device, timed
 
 # name -> (colaify, compile options or None for eager, autocast to bf16)
 VARIANTS = {
@@ -36,25 +35,27 @@ VARIANTS = {
 DEFAULT = ["eager-dense", "eager-cola", "compiled-cola", "eager-cola-bf16", "compiled-cola-bf16"]
 
 
-def build(name: str, args) -> dict:
-    """Model, optimizer and step function of variant ``name``."""
+def build(name: str, args, device: torch.device) -> dict:
+    """Model, optimizer and step function of variant ``name`` on ``device``."""
     cola, options, bf16 = VARIANTS[name]
     model = presets.build(args.preset, seed=0)
     if cola:
         colafx.colaify(model, rank=presets.get(args.preset).rank, generator=torch.Generator().manual_seed(0))
+    model.to(device)
     runner = model if options is None else torch.compile(model, backend="colafx", options=options)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step(ids: torch.Tensor) -> float:
-        start = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = runner(input_ids=ids, labels=ids).loss
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"{name}: loss is {loss.item()}")
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return time.perf_counter() - start
+        times = []
+        with timed(device, times):  # synchronises CUDA before and after
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = runner(input_ids=ids, labels=ids).loss
+            if not torch.isfinite(loss):
+                raise RuntimeError(f"{name}: loss is {loss.item()}")
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return times[0]
 
     return {"step": step, "compiled": options is not None, "times": []}
 
@@ -69,16 +70,18 @@ def main():
     parser.add_argument("--variants", nargs="+", default=DEFAULT, choices=list(VARIANTS),
                         help=f"what to run (default: {' '.join(DEFAULT)})")
     parser.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for compile.json/.png")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     args = parser.parse_args()
+    device = resolve_device(args.device)
     if args.batch < 1 or args.seq_len < 2 or args.steps < 1:
         parser.error("--batch, --steps must be >= 1 and --seq-len >= 2")
 
     ids = torch.randint(0, presets.get(args.preset).vocab_size, (args.batch, args.seq_len),
-                        generator=torch.Generator().manual_seed(0))
+                        generator=torch.Generator().manual_seed(0)).to(device)
     runs = {}
     bar = tqdm(total=len(args.variants) * (args.steps + 1), desc="steps")
     for name in args.variants:  # warm-up (and compilation) one variant at a time
-        runs[name] = build(name, args)
+        runs[name] = build(name, args, device)
         runs[name]["first"] = runs[name]["step"](ids)
         bar.update()
     for _ in range(args.steps):
@@ -102,7 +105,7 @@ def main():
                              ("compiled-cola-lowered", "eager-cola"), ("compiled-cola-recompute", "eager-cola"))
                 if c in by_name and e in by_name}
 
-    print(f"\n{args.preset}, batch {args.batch} x seq {args.seq_len}, AdamW step, "
+    print(f"\n{args.preset} on {device}, batch {args.batch} x seq {args.seq_len}, AdamW step, "
           f"median of {args.steps} interleaved steps, {torch.get_num_threads()} threads\n")
     print("| variant | step (s) | tokens/s | compile (s) |")
     print("|---|---|---|---|")
@@ -117,7 +120,7 @@ def main():
     atomic_write_json(args.out / "compile.json", {
         "preset": args.preset, "batch": args.batch, "seq_len": args.seq_len, "steps": args.steps,
         "threads": torch.get_num_threads(), "torch": torch.__version__, "rows": rows, "speedups": speedups,
-        "environment": environment(torch.device("cpu"), "fp32")})
+        "environment": environment(device, "fp32")})
     plot(rows, args, args.out / "compile.png")
 
 

@@ -15,7 +15,6 @@ memory.json + memory.png to ``--out``.
 import argparse
 import copy
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -24,7 +23,7 @@ from tqdm import tqdm
 import colafx
 from colafx import presets
 from colafx.files import atomic_write_bytes, atomic_write_json
-from colafx.runtime.device import environment
+from colafx.runtime.device import DEVICE_HELP, environment, resolve_device, timed
 
 VARIANTS = ("dense", "CoLA", "CoLA-M", "CoLA + full ckpt", "compiled CoLA", "compiled CoLA-M")
 
@@ -61,8 +60,19 @@ def train_step(model: torch.nn.Module, ids: torch.Tensor) -> float:
 
 def profile_memory(model: torch.nn.Module, ids: torch.Tensor) -> dict:
     """Peak of the running sum of profiler memory events over one step, and its value when
-    backward starts (both in bytes, relative to the start of the step)."""
+    backward starts (both in bytes, relative to the start of the step). On CUDA: the step's
+    ``torch.cuda.max_memory_allocated`` above what was allocated before it, and the allocation
+    growth at the end of the forward."""
     model.zero_grad(set_to_none=True)  # outside the profile: freeing last step's gradients is not this step's
+    if ids.is_cuda:
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        loss = model(input_ids=ids, labels=ids).loss
+        kept = torch.cuda.memory_allocated() - base
+        loss.backward()
+        torch.cuda.synchronize()
+        return {"peak_bytes": torch.cuda.max_memory_allocated() - base, "kept_for_backward_bytes": kept}
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         train_step(model, ids)
     events = sorted(prof.events(), key=lambda e: e.time_range.start)
@@ -84,15 +94,18 @@ def main():
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per variant (median reported)")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights and token ids")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS, metavar="NAME",
                         help=f"variants to run, from {', '.join(VARIANTS)} (CoLA is the reference and always runs)")
     parser.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for memory.json and memory.png")
     args = parser.parse_args()
 
+    device = resolve_device(args.device)
     names = tuple(v for v in VARIANTS if v in set(args.variants) | {"CoLA"})
-    models = build_variants(args.preset, args.seed, names)
+    models = {name: model.to(device) for name, model in build_variants(args.preset, args.seed, names).items()}
     vocab = presets.get(args.preset).vocab_size
-    ids = torch.randint(0, vocab, (args.batch_size, args.seq_len), generator=torch.Generator().manual_seed(args.seed))
+    ids = torch.randint(0, vocab, (args.batch_size, args.seq_len),
+                        generator=torch.Generator().manual_seed(args.seed)).to(device)
     times = {name: [] for name in names}
     losses, memory = {}, {}
     bar = tqdm(total=len(names) * (args.repeats + 3), desc="steps", unit="step")
@@ -104,9 +117,8 @@ def main():
     for rnd in range(args.repeats):
         order = names[rnd % len(names):] + names[:rnd % len(names)]
         for name in order:
-            start = time.perf_counter()
-            train_step(models[name], ids)
-            times[name].append(time.perf_counter() - start)
+            with timed(device, times[name]):
+                train_step(models[name], ids)
             bar.update(1)
     bar.close()
 
@@ -115,7 +127,7 @@ def main():
         rows.append({"variant": name, "loss": losses[name], "step_s_median": statistics.median(times[name]),
                      "step_s_all": times[name], **memory[name]})
     cola = next(r for r in rows if r["variant"] == "CoLA")
-    print(f"\n{args.preset}, batch {args.batch_size} x seq {args.seq_len}, fp32 CPU, forward + backward "
+    print(f"\n{args.preset}, batch {args.batch_size} x seq {args.seq_len}, fp32 {device}, forward + backward "
           f"({torch.get_num_threads()} threads, median of {args.repeats})\n")
     print("| variant | peak MiB | vs CoLA | kept for backward MiB | vs CoLA | step s | vs CoLA |")
     print("|---|---|---|---|---|---|---|")
@@ -128,7 +140,7 @@ def main():
     args.out.mkdir(parents=True, exist_ok=True)
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     atomic_write_json(args.out / "memory.json", {"config": config, "threads": torch.get_num_threads(), "rows": rows,
-                                                    "environment": environment(torch.device("cpu"), "fp32")})
+                                                    "environment": environment(device, "fp32")})
     atomic_write_bytes(args.out / "memory.png", lambda tmp: plot(rows, args, tmp))
 
 
@@ -152,7 +164,7 @@ def plot(rows: list[dict], args, path: str) -> None:
     for ax, title in ((ax_mem, "training-step memory"), (ax_time, "step time")):
         ax.set_xticks(list(x), names, rotation=15)
         ax.set_title(title)
-    fig.suptitle(f"{args.preset}, batch {args.batch_size} x seq {args.seq_len}, fp32 CPU")
+    fig.suptitle(f"{args.preset}, batch {args.batch_size} x seq {args.seq_len}, fp32 {args.device}")
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=120)
     plt.close(fig)
