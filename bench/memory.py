@@ -101,6 +101,7 @@ def main():
     args = parser.parse_args()
 
     device = resolve_device(args.device)
+    args.device = str(device)
     names = tuple(v for v in VARIANTS if v in set(args.variants) | {"CoLA"})
     models = {name: model.to(device) for name, model in build_variants(args.preset, args.seed, names).items()}
     vocab = presets.get(args.preset).vocab_size
