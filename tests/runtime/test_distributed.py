@@ -55,3 +55,23 @@ def test_two_processes_match_one_process(setup, mode):
     assert _rows(out, "train") == pytest.approx(want, rel=2e-4)
     assert _rows(out, "val") == pytest.approx(_rows(root / "single", "val"), rel=2e-4)
     assert (out / "model" / "model.safetensors").exists() and (out / "checkpoints" / "step-00000004").is_dir()
+
+
+def test_fsdp_bf16_autocast_uses_mixed_precision_with_fp32_master_weights(setup):
+    """--fsdp --dtype bf16-autocast: FSDP2's MixedPrecisionPolicy computes in bf16 and reduces in
+    fp32; the saved weights stay fp32 and the losses follow the fp32 run to bf16 precision."""
+    from safetensors import safe_open
+
+    root, single = setup
+    out = root / "fsdp-bf16"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "colafx.cli", "pretrain", *ARGS, "--data", str(root / "data"), "--tokenizer", str(root / "tok"),
+           "--batch-size", "2", "--out", str(out), "--fsdp", "--dtype", "bf16-autocast", "--device", "cpu"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    want = [r["loss"] for r in single.history if r["split"] == "train"]
+    got = _rows(out, "train")
+    assert got == pytest.approx(want, rel=3e-2) and got != pytest.approx(want, rel=1e-6)  # bf16, not fp32 math
+    with safe_open(str(out / "model" / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}
