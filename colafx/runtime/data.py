@@ -325,12 +325,23 @@ class BlockStream:
         Raises:
             ValueError: ``global_batch`` is not divisible by ``world``.
         """
-        if global_batch % world:
-            raise ValueError(f"global batch {global_batch} is not divisible by {world} processes")
-        local = global_batch // world
-        start = step * global_batch + rank * local
-        idx = [self._perm(p // len(self.blocks))[p % len(self.blocks)] for p in range(start, start + local)]
+        positions = stream_positions(step, global_batch, rank, world)
+        idx = [self._perm(p // len(self.blocks))[p % len(self.blocks)] for p in positions]
         return self.blocks[torch.stack(idx)]
+
+
+def stream_positions(step: int, global_batch: int, rank: int = 0, world: int = 1) -> range:
+    """The stream positions rank ``rank`` of ``world`` reads at ``step``: its slice of
+    ``[step·B, (step+1)·B)``.
+
+    Raises:
+        ValueError: ``global_batch`` is not divisible by ``world``.
+    """
+    if global_batch % world:
+        raise ValueError(f"global batch {global_batch} is not divisible by {world} processes")
+    local = global_batch // world
+    start = step * global_batch + rank * local
+    return range(start, start + local)
 
 
 class PreparedCorpus:
@@ -406,11 +417,8 @@ class PreparedCorpus:
         Raises:
             ValueError: ``global_batch`` is not divisible by ``world``.
         """
-        if global_batch % world:
-            raise ValueError(f"global batch {global_batch} is not divisible by {world} processes")
-        local = global_batch // world
-        start = step * global_batch + rank * local
-        return torch.stack([self.window_at(self._position(p)) for p in range(start, start + local)])
+        positions = stream_positions(step, global_batch, rank, world)
+        return torch.stack([self.window_at(self._position(p)) for p in positions])
 
 
 def prepared_val_blocks(directory: str | os.PathLike, seq_len: int, max_tokens: int | None = None) -> torch.Tensor:
