@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .quant import interpreting, use_triton
+from .quant import dot_mode, interpreting, use_triton
 
 __all__ = [
     "lowrank_act",
@@ -35,8 +35,6 @@ __all__ = [
 ACTIVATIONS = ("silu", "identity")
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-FORCE_TRITON = False
-"""Tests set this to True to route the custom ops through Triton on CPU tensors (interpreter)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -167,18 +165,12 @@ def _as_rows(t: torch.Tensor) -> torch.Tensor:
     return t2 if t2.stride(-1) == 1 or t2.numel() == 0 else t2.contiguous()
 
 
-def _dot_mode(x: torch.Tensor) -> int:
-    """0: native 16-bit tl.dot; 1: exact fp32 dot; 2: TF32 dot (fp32 on CUDA when torch allows TF32)."""
-    if x.dtype == torch.float32:
-        tf32 = x.is_cuda and not interpreting() and torch.backends.cuda.matmul.allow_tf32
-        return 2 if tf32 else 1
-    return 1 if interpreting() else 0
 
 
 def _launch(kernel, tuned, tensors, strides, m, n, k, like, **flags):
     """Launch ``kernel`` (interpreter: fixed small tiles) or its autotuned twin on a 1-D grid."""
     bucket = min(triton.next_power_of_2(max(m, 1)), 4096)
-    mode = _dot_mode(like)
+    mode = dot_mode(like)
     if interpreting() or not like.is_cuda:
         blocks = _INTERPRETER_BLOCKS
         grid = (triton.cdiv(m, blocks["BLOCK_M"]) * triton.cdiv(n, blocks["BLOCK_N"]),)
@@ -278,7 +270,7 @@ def _dz_torch(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torc
 
 
 def _triton_enabled(t: torch.Tensor) -> bool:
-    return use_triton(t, FORCE_TRITON)
+    return use_triton(t)
 
 
 # --------------------------------------------------------------------------------------------

@@ -47,6 +47,8 @@ from .quant import (
     _quantize_rows_triton,
     check_float,
     check_group_size,
+    dequantize_ref,
+    dot_mode,
     interpreting,
     quantize_act_int8,
     unpack_int4,
@@ -63,8 +65,6 @@ __all__ = [
     "int8_gemm_cpu",
 ]
 
-FORCE_TRITON = False
-"""Tests set this to True to route the custom ops through Triton on CPU tensors (interpreter)."""
 
 _CPU_BACKENDS = ("auto", "int_mm", "onednn")
 _cpu_backend = os.environ.get("COLAFX_CPU_INT8_BACKEND", "auto")
@@ -286,7 +286,7 @@ def qlinear_triton(x, qweight, w_scale, bias=None, act_bits=8, bits=8):
     args = (xq, xs, w, ws, b, out, m, n, k, groups, group_len,
             min(triton.next_power_of_2(m), 4096), xq.stride(0), w.stride(0), out.stride(0))
     flags = dict(ACT_INT8=act_int8, W_INT4=bits == 4, PER_GROUP=per_group,
-                 HAS_BIAS=bias is not None, DOT_MODE=_dot_mode(x))
+                 HAS_BIAS=bias is not None, DOT_MODE=dot_mode(x))
     if interpreting() or not x.is_cuda:
         blocks = {"BLOCK_M": 32, "BLOCK_N": 64,
                   "BLOCK_K": _interpreter_block_k(per_group and act_int8, group_len)}
@@ -298,12 +298,6 @@ def qlinear_triton(x, qweight, w_scale, bias=None, act_bits=8, bits=8):
     return out.reshape(*x.shape[:-1], n)
 
 
-def _dot_mode(x: torch.Tensor) -> int:
-    """0: native 16-bit dot; 1: exact fp32 dot (interpreter / fp32 without TF32); 2: TF32."""
-    if x.dtype == torch.float32:
-        tf32 = x.is_cuda and not interpreting() and torch.backends.cuda.matmul.allow_tf32
-        return 2 if tf32 else 1
-    return 1 if interpreting() else 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -446,7 +440,7 @@ def _qlinear_cpu(x, qweight, w_scale, bias, act_bits, bits):
     groups = w_scale.shape[1]
     x2 = x.reshape(-1, k)
     if act_bits == 16:
-        w = (q.float().reshape(n, groups, -1) * w_scale[..., None]).reshape(n, k).to(x.dtype)
+        w = dequantize_ref(q, w_scale).to(x.dtype)
         b = None if bias is None else bias.to(x.dtype)
         return F.linear(x2, w, b).reshape(*x.shape[:-1], n)
     qx, sx = quantize_act_int8(x2)
@@ -473,7 +467,7 @@ def _grouped_gemm_cpu(qx, q, w_scale):
 
 def _qlinear_impl(x, qweight, w_scale, bias, act_bits, bits):
     """Shared op body: Triton on CUDA (or forced), CPU fast path otherwise."""
-    if use_triton(x, FORCE_TRITON):
+    if use_triton(x):
         groups = w_scale.shape[1]
         group_len = x.shape[-1] // groups
         if _triton_supported(groups > 1 and act_bits == 8, group_len):
@@ -489,9 +483,7 @@ def _fake(x, qweight, w_scale, bias, *rest):
 def _dequantized_weight(qweight, w_scale, bits, dtype):
     """Float [N, K] weight in ``dtype`` (for the straight-through backward)."""
     q = unpack_int4(qweight) if bits == 4 else qweight
-    n, k = q.shape
-    groups = w_scale.shape[1]
-    return (q.float().reshape(n, groups, -1) * w_scale[..., None]).reshape(n, k).to(dtype)
+    return dequantize_ref(q, w_scale).to(dtype)
 
 
 def _make_backward(bits, n_extra):

@@ -63,7 +63,8 @@ _MAX_SEED = (1 << 63) - 1
 _QUANT_BLOCK = 1024
 
 FORCE_TRITON = False
-"""Tests set this to True to run the Triton kernels on CPU tensors (under TRITON_INTERPRET=1)."""
+"""Tests set this to True to run every colafx kernel op's Triton kernels on CPU tensors (under
+TRITON_INTERPRET=1); the one switch for lowrank, qmatmul, quant and zo."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -79,6 +80,15 @@ def interpreting() -> bool:
 def use_triton(t: torch.Tensor, force: bool = False) -> bool:
     """Return True if kernels for tensor ``t`` should launch Triton (CUDA, or forced)."""
     return t.is_cuda or force or FORCE_TRITON
+
+
+def dot_mode(x: torch.Tensor) -> int:
+    """How a kernel's ``tl.dot`` runs for input ``x``: 0 native 16-bit dot; 1 exact fp32 dot
+    (the interpreter, or fp32 without TF32); 2 TF32 (fp32 on CUDA when torch allows TF32)."""
+    if x.dtype == torch.float32:
+        tf32 = x.is_cuda and not interpreting() and torch.backends.cuda.matmul.allow_tf32
+        return 2 if tf32 else 1
+    return 1 if interpreting() else 0
 
 
 def check_seed(seed: int, name: str = "seed") -> int:

@@ -76,8 +76,6 @@ HEADROOM = {8: 8, 4: 1}
 ZO_QMAX = {bits: QMAX[bits] - HEADROOM[bits] for bits in QMAX}
 """qmax to quantize ZO-trained weights with: 119 (int8), 6 (int4)."""
 
-FORCE_TRITON = False
-"""Tests set this to True to route the custom ops through Triton on CPU tensors (interpreter)."""
 
 _BLOCK = 1024
 _SIGNS = (-2, -1, 1, 2)
@@ -362,7 +360,7 @@ class _Stream:
 
 @torch.library.custom_op("colafx::zo_perturb_", mutates_args=("weight",))
 def _zo_perturb_op(weight: torch.Tensor, seed: int, scale: float) -> None:
-    if use_triton(weight, FORCE_TRITON):
+    if use_triton(weight):
         _launch_float(weight, seed, scale, 0.0)
     else:
         _cpu_float(weight, seed, scale, 0.0)
@@ -371,7 +369,7 @@ def _zo_perturb_op(weight: torch.Tensor, seed: int, scale: float) -> None:
 @torch.library.custom_op("colafx::zo_update_", mutates_args=("weight",))
 def _zo_update_op(weight: torch.Tensor, seed: int, lr: float, grad_scalar: float,
                   weight_decay: float) -> None:
-    if use_triton(weight, FORCE_TRITON):
+    if use_triton(weight):
         _launch_float(weight, seed, -lr * grad_scalar, lr * weight_decay)
     else:
         _cpu_float(weight, seed, -lr * grad_scalar, lr * weight_decay)
@@ -381,7 +379,7 @@ def _zo_update_op(weight: torch.Tensor, seed: int, lr: float, grad_scalar: float
 def _zo_perturb_int_op(qweight: torch.Tensor, w_scale: torch.Tensor, seed: int, eps: float,
                        sign: int, bits: int, rounding_seed: int) -> None:
     low, high = -QMAX[bits] - 1, QMAX[bits]
-    if use_triton(qweight, FORCE_TRITON):
+    if use_triton(qweight):
         _launch_int(qweight, w_scale, bits, seed, rounding_seed, eps, 0.0, sign, low, high, False)
         return
 
@@ -395,7 +393,7 @@ def _zo_perturb_int_op(qweight: torch.Tensor, w_scale: torch.Tensor, seed: int, 
 def _zo_update_int_op(qweight: torch.Tensor, w_scale: torch.Tensor, seed: int, lr: float,
                       grad_scalar: float, weight_decay: float, bits: int, rounding_seed: int) -> None:
     limit = ZO_QMAX[bits]
-    if use_triton(qweight, FORCE_TRITON):
+    if use_triton(qweight):
         _launch_int(qweight, w_scale, bits, seed, rounding_seed, lr * grad_scalar, lr * weight_decay,
                     0, -limit, limit, True)
         return

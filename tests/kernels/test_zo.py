@@ -32,7 +32,7 @@ def path(request, monkeypatch):
     if request.param == "triton":
         if not quant.interpreting():
             pytest.skip("needs TRITON_INTERPRET=1")
-        monkeypatch.setattr(zo, "FORCE_TRITON", True)
+        monkeypatch.setattr(quant, "FORCE_TRITON", True)
         return zo.triton_normal_noise, quant.triton_uniform_noise
     return zo.normal_noise, quant.uniform_noise
 
