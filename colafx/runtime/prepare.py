@@ -93,8 +93,8 @@ def _batches(docs, size: int):
         yield batch
 
 
-def _documents(sources):
-    for path in D.expand_sources(sources):
+def _documents(files: list[Path]):
+    for path in files:
         for doc in D.iter_path(path):
             if doc and doc.strip():
                 yield doc
@@ -144,7 +144,7 @@ def prepare(config: PrepareConfig) -> dict:
     done_docs = sum(s["docs"] for s in index["shards"])
     if not config.val_data:  # --val-tokens: val.bin holds the first documents of the same stream
         done_docs += (index["val"] or {}).get("docs", 0)
-    docs = itertools.islice(_documents(sources), done_docs, None)
+    docs = itertools.islice(_documents(files), done_docs, None)
     pool = None
     if config.workers > 1:
         import multiprocessing as mp
@@ -156,8 +156,8 @@ def prepare(config: PrepareConfig) -> dict:
         encoded = map(_encode_batch, _batches(docs, config.batch_docs))
     try:
         if config.val_data and index["val"] is None:
-            val_tokens, val_docs, _ = _concat(map(_encode_batch, _batches(_documents(config.val_data),
-                                                                         config.batch_docs)))
+            val_docs_iter = _documents(D.expand_sources(config.val_data))
+            val_tokens, val_docs, _ = _concat(map(_encode_batch, _batches(val_docs_iter, config.batch_docs)))
             index["val"] = _write_shard(out / VAL_NAME, val_tokens, val_docs, dtype)
             atomic_write_json(out / INDEX_NAME, index)
         pending, n_docs, start = [], 0, time.perf_counter()
