@@ -151,23 +151,13 @@ def test_windows_are_a_seeded_permutation_and_ranks_read_disjoint_windows(prepar
     assert not any(torch.equal(a, b) for a in rank0 for b in rank1)
 
 
-def test_pretrain_on_prepared_data_resumes_exactly(prepared, tokenizer_dir, tmp_path, monkeypatch):
+def test_pretrain_on_prepared_data_resumes_exactly(prepared, tokenizer_dir, tmp_path, interrupted_train):
     base = dict(preset="llama-tiny", data=[str(prepared)], seq_len=32, batch_size=2, grad_accum=2, steps=4,
                 eval_every=2, progress=False, val_tokens=400)
     full = P.train(P.PretrainConfig(out=str(tmp_path / "full"), **base))
     losses = [r["loss"] for r in full.history if r["split"] == "train"]
     assert len(losses) == 4 and all(np.isfinite(losses))
-    real = P._train_step
-
-    def crash_at_3(model, optimizer, blocks, config, step, *rest):
-        if step == 2:
-            raise KeyboardInterrupt
-        return real(model, optimizer, blocks, config, step, *rest)
-
-    monkeypatch.setattr(P, "_train_step", crash_at_3)
-    with pytest.raises(KeyboardInterrupt):
-        P.train(P.PretrainConfig(out=str(tmp_path / "cut"), **base))
-    monkeypatch.setattr(P, "_train_step", real)
+    interrupted_train(P.PretrainConfig(out=str(tmp_path / "cut"), **base), step=2)
     resumed = P.train(P.PretrainConfig(out=str(tmp_path / "cut"), resume=True, **base))
     assert [r["loss"] for r in resumed.history if r["split"] == "train"] == losses
     assert resumed.val_loss == full.val_loss

@@ -52,7 +52,7 @@ def test_evaluate_averages_over_all_tokens_not_batches(tiny_model):
     assert tiny_model.training  # mode restored
 
 
-def test_train_outputs_and_interrupted_resume_matches_uninterrupted(corpus, tmp_path, monkeypatch):
+def test_train_outputs_and_interrupted_resume_matches_uninterrupted(corpus, tmp_path, interrupted_train):
     full = P.train(_config(corpus, tmp_path / "full"))
     out = tmp_path / "full"
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -74,16 +74,7 @@ def test_train_outputs_and_interrupted_resume_matches_uninterrupted(corpus, tmp_
     assert P.evaluate(model, D.pack(D.encode(corpus[0][:3], tok), 32, tok.eos_token_id)[:2], 2) > 0
 
     # Crash during step 5 (after the step-4 checkpoint), then --resume.
-    real_step = P._train_step
-
-    def crash_at_5(model, optimizer, blocks, config, step, *rest):
-        if step == 4:
-            raise KeyboardInterrupt
-        return real_step(model, optimizer, blocks, config, step, *rest)
-    monkeypatch.setattr(P, "_train_step", crash_at_5)
-    with pytest.raises(KeyboardInterrupt):
-        P.train(_config(corpus, tmp_path / "cut"))
-    monkeypatch.setattr(P, "_train_step", real_step)
+    interrupted_train(_config(corpus, tmp_path / "cut"), step=4)
     with pytest.raises(ValueError, match="already holds a run; pass --resume"):
         P.train(_config(corpus, tmp_path / "cut"))
     resumed = P.train(_config(corpus, tmp_path / "cut", resume=True))
