@@ -195,12 +195,13 @@ class Discovery:
             queue.extend(node.all_input_nodes)
         return found
 
-    def _linears_below(self, start: fx.Node, through=_DATA_MOVEMENT) -> set[fx.Node]:
-        """Projection nodes reached walking down from ``start`` through ``through`` ops only (never
-        through a residual ``add`` of two varying tensors, which leads into the next block)."""
+    def _linears_below(self, start: fx.Node) -> set[fx.Node]:
+        """Projection nodes reached walking down from ``start`` through data movement, elementwise
+        ops and norms (a sub-norm may sit before ``down``), never through a residual ``add`` of two
+        varying tensors, which leads into the next block."""
         def passes(node):
             return node not in self.linears and not _is_residual(node) and (
-                op_name(node) in through or (through is not _DATA_MOVEMENT and _is_elementwise(node)))
+                op_name(node) in _DATA_MOVEMENT | _NORMS or _is_elementwise(node))
 
         return {node for node in _downstream(start, passes) if node in self.linears}
 
@@ -368,7 +369,7 @@ class Discovery:
         (lin_a, act_a, split_a), (lin_b, act_b, split_b) = branches
         if act_a == act_b:
             return
-        downs = self._linears_below(mul, through=_DATA_MOVEMENT | _ELEMENTWISE | _NORMS)  # a sub-norm may sit before down
+        downs = self._linears_below(mul)
         if not downs:
             return
         if lin_a is lin_b:
