@@ -307,7 +307,8 @@ def main() -> int:
         result[f"seconds_{section}"] = time.perf_counter() - t0
     result["seconds"] = time.perf_counter() - start
     print(f"{result['environment']['device_name']} ({device}), torch {torch.__version__}, "
-          f"{'dry run' if args.dry_run else 'bf16'}: {result['seconds']:.0f} s")
+          f"{'dry run' if args.dry_run else 'bf16'}: {result['seconds']:.0f} s; CPU features: "
+          f"{' '.join(result['environment']['cpu_features']) or 'none detected'}")
     _print_tables(result)
     args.out.mkdir(parents=True, exist_ok=True)
     name = "gpu_dry_run.json" if args.dry_run else "gpu.json"

@@ -129,7 +129,9 @@ def main():
                      "step_s_all": times[name], **memory[name]})
     cola = next(r for r in rows if r["variant"] == "CoLA")
     print(f"\n{args.preset}, batch {args.batch_size} x seq {args.seq_len}, fp32 {device}, forward + backward "
-          f"({torch.get_num_threads()} threads, median of {args.repeats})\n")
+          f"({torch.get_num_threads()} threads, median of {args.repeats})")
+    env = environment(device, "fp32")
+    print(f"{env['device_name']}; CPU features: {' '.join(env['cpu_features']) or 'none detected'}\n")
     print("| variant | peak MiB | vs CoLA | kept for backward MiB | vs CoLA | step s | vs CoLA |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
@@ -141,7 +143,7 @@ def main():
     args.out.mkdir(parents=True, exist_ok=True)
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     atomic_write_json(args.out / "memory.json", {"config": config, "threads": torch.get_num_threads(), "rows": rows,
-                                                    "environment": environment(device, "fp32")})
+                                                    "environment": env})
     atomic_write_bytes(args.out / "memory.png", lambda tmp: plot(rows, args, tmp))
 
 
