@@ -1,4 +1,4 @@
-"""Data-parallel helpers for ``torchrun``: process group, DDP / FSDP2 wrapping, full state dicts.
+"""Data-parallel helpers for ``torchrun``: process group, DDP / FSDP2 wrapping, the full model.
 
 Outside ``torchrun`` (no ``WORLD_SIZE`` in the environment) everything is a no-op for one process.
 CPU runs use the gloo backend, CUDA runs NCCL.
@@ -82,7 +82,8 @@ def wrap(model: nn.Module, env: DistEnv, fsdp: bool, device: torch.device | None
 
     Returns:
         ``(model to train, plain module to save)``; for FSDP the plain module is an unsharded copy
-        on rank 0's CPU (None elsewhere) that :func:`full_state` refreshes before each save.
+        on rank 0's CPU (None elsewhere) that :func:`full_model` refreshes for the final save
+        (checkpoints under FSDP are sharded, see :func:`colafx.runtime.checkpoint.save_sharded_checkpoint`).
     """
     device = device or torch.device("cpu")
     if env.world == 1:
@@ -107,22 +108,6 @@ def wrap(model: nn.Module, env: DistEnv, fsdp: bool, device: torch.device | None
     return model, plain
 
 
-def full_state(model: nn.Module, plain: nn.Module, optimizer, env: DistEnv, fsdp: bool):
-    """``(plain module with current weights, optimizer state dict)`` for a checkpoint; collective
-    under FSDP (all ranks call it), meaningful on rank 0."""
-    if not (fsdp and env.world > 1):
-        return plain, optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    weights = get_model_state_dict(model, options=options)
-    optim = get_optimizer_state_dict(model, optimizer, options=options)
-    if env.is_main:
-        plain.load_state_dict(weights)
-    return plain, optim
-
-
 def full_model(model: nn.Module, plain: nn.Module, env: DistEnv, fsdp: bool) -> nn.Module:
     """The unwrapped model with the current weights (rank 0 under FSDP; collective there)."""
     if fsdp and env.world > 1:
@@ -136,7 +121,8 @@ def full_model(model: nn.Module, plain: nn.Module, env: DistEnv, fsdp: bool) -> 
 
 
 def load_optimizer_state(model: nn.Module, optimizer, state: dict, fsdp: bool) -> None:
-    """Restore an optimizer state written by :func:`full_state` (full state dict under FSDP)."""
+    """Restore a full (unsharded) optimizer state dict, e.g. from a one-process checkpoint (under
+    FSDP each rank keeps its shard of it)."""
     if fsdp and world_size() > 1:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 

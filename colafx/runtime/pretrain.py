@@ -3,7 +3,8 @@
 The recipe follows the CoLA paper's code: AdamW (weight decay 0.01), gradient clipping 0.5, linear
 warmup then cosine decay to 0.1x the peak LR. Validation loss is the mean over *all* held-out tokens.
 Under ``torchrun`` it trains data-parallel (DDP, or FSDP2 ``fully_shard`` with ``fsdp=True``): each
-rank reads its own slice of every global batch and only rank 0 writes files.
+rank reads its own slice of every global batch and only rank 0 writes files, except FSDP2
+checkpoints, where each rank writes its shard (``torch.distributed.checkpoint``).
 """
 from __future__ import annotations
 
@@ -333,7 +334,10 @@ def train(config: PretrainConfig) -> PretrainResult:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_lambda(s, config.warmup, config.steps, config.min_lr_ratio))
     if state is not None:
-        dist_utils.load_optimizer_state(model, optimizer, state["optimizer"], config.fsdp)
+        if state["sharded"] is not None:
+            ckpt.load_sharded_state(state["sharded"], model, optimizer)
+        else:
+            dist_utils.load_optimizer_state(model, optimizer, state["optimizer"], config.fsdp)
         scheduler.load_state_dict(state["scheduler"])
         ckpt.set_rng_state(state["rng"])
     runner = _compile(model) if config.compile else model
@@ -427,9 +431,16 @@ def _diverged(what: str, config: PretrainConfig):
 
 
 def _save(root, step, model, plain, optimizer, scheduler, fingerprint, config, env):
-    model_to_save, optim_state = dist_utils.full_state(model, plain, optimizer, env, config.fsdp)
+    """Checkpoint ``step``: sharded (DCP, every rank writes its shard) under multi-process FSDP2, else
+    the full state written by rank 0 (DDP ranks hold identical copies)."""
+    if config.fsdp and env.world > 1:
+        from colafx.transform.io import model_record
+
+        ckpt.save_sharded_checkpoint(root, step, model, optimizer, scheduler.state_dict(), fingerprint,
+                                     model_record(plain) if env.is_main else None, keep=config.keep)
+        return
     if env.is_main:
-        ckpt.save_checkpoint(root, step, model_to_save, optim_state, scheduler.state_dict(), fingerprint,
+        ckpt.save_checkpoint(root, step, plain, optimizer.state_dict(), scheduler.state_dict(), fingerprint,
                              keep=config.keep)
     dist_utils.barrier()
 
