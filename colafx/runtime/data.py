@@ -23,6 +23,8 @@ from typing import Iterable
 
 import torch
 
+from colafx.runtime import hf_source
+
 EOS_TOKEN = "<|endoftext|>"
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst", ".raw", ".tokens")
 _ENCODE_CHUNK = 2_000  # lines per tokenizer call when encoding a large text file
@@ -68,8 +70,9 @@ def _prose_share(text: str) -> float:
 
 
 def read_texts(source) -> list[str]:
-    """Read documents from ``source``: a path (file or folder of supported files), a list of paths,
-    or an iterable of strings / dicts with a ``"text"`` key (e.g. a ``datasets.Dataset``).
+    """Read documents from ``source``: a path (file or folder of supported files), an ``hf:`` source
+    (:mod:`colafx.runtime.hf_source`), a list of those, or an iterable of strings / dicts with a
+    ``"text"`` key (e.g. a ``datasets.Dataset``).
 
     Raises:
         FileNotFoundError: a path does not exist, or a folder holds no supported file.
@@ -80,7 +83,9 @@ def read_texts(source) -> list[str]:
         source = [source]
     docs: list[str] = []
     for item in source:
-        if isinstance(item, (str, os.PathLike)) and not (isinstance(item, str) and _looks_like_text(item)):
+        if hf_source.is_hf(item):
+            docs += list(hf_source.iter_documents(hf_source.parse(item)))
+        elif isinstance(item, (str, os.PathLike)) and not (isinstance(item, str) and _looks_like_text(item)):
             docs += [doc for path in expand_sources([item]) for doc in iter_path(path)]
         elif isinstance(item, dict):
             if "text" not in item:

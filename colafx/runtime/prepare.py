@@ -1,4 +1,5 @@
-"""``colafx prepare``: stream a corpus, tokenize it in worker processes, write memory-mappable token
+"""``colafx prepare``: stream a corpus (files, or Hugging Face ``datasets`` through ``hf:`` sources,
+see :mod:`colafx.runtime.hf_source`), tokenize it in worker processes, write memory-mappable token
 shards plus a JSON index — the pre-tokenized data ``colafx pretrain --data DIR`` trains on with memory
 independent of the corpus size.
 
@@ -23,6 +24,7 @@ import numpy as np
 
 from colafx.files import atomic_write_bytes, atomic_write_json, file_sha256
 from colafx.runtime import data as D
+from colafx.runtime import hf_source
 
 INDEX_NAME = "index.json"
 VAL_NAME = "val.bin"
@@ -93,9 +95,29 @@ def _batches(docs, size: int):
         yield batch
 
 
-def _documents(files: list[Path]):
-    for path in files:
-        for doc in D.iter_path(path):
+def _inputs(sources: list[str]) -> list:
+    """Files (``Path``) and ``hf:`` sources (``HFSource``) in the order given; missing inputs raise
+    before anything is written."""
+    inputs = []
+    for source in sources:
+        if hf_source.is_hf(source):
+            spec = hf_source.parse(source)
+            hf_source.check(spec)
+            inputs.append(spec)
+        else:
+            inputs += D.expand_sources([source])
+    return inputs
+
+
+def _input_bytes(inputs: list) -> int | None:
+    sizes = [f.stat().st_size if isinstance(f, Path) else hf_source.size_bytes(f) for f in inputs]
+    return None if None in sizes else sum(sizes)
+
+
+def _documents(inputs: list):
+    for item in inputs:
+        docs = D.iter_path(item) if isinstance(item, Path) else hf_source.iter_documents(item)
+        for doc in docs:
             if doc and doc.strip():
                 yield doc
 
@@ -117,7 +139,7 @@ def prepare(config: PrepareConfig) -> dict:
         raise ValueError(f"tokenizer {config.tokenizer} has no EOS token to separate documents")
     out = Path(config.out)
     sources = [str(s) for s in config.sources]
-    files = D.expand_sources(sources)  # errors for missing inputs before anything is written
+    files = _inputs(sources)  # errors for missing inputs before anything is written
     dtype = token_dtype(len(tokenizer))
     index = {"version": FORMAT_VERSION, "tokenizer": {"path": str(config.tokenizer),
              "fingerprint": tokenizer_fingerprint(tokenizer), "vocab_size": len(tokenizer),
@@ -139,7 +161,7 @@ def prepare(config: PrepareConfig) -> dict:
         _check_shards(out, old)
         index["shards"], index["val"] = old["shards"], old["val"]
     out.mkdir(parents=True, exist_ok=True)
-    total_bytes = sum(f.stat().st_size for f in files)
+    total_bytes = _input_bytes(files)
     bar = _progress(config, total_bytes)
     done_docs = sum(s["docs"] for s in index["shards"])
     if not config.val_data:  # --val-tokens: val.bin holds the first documents of the same stream
@@ -156,7 +178,7 @@ def prepare(config: PrepareConfig) -> dict:
         encoded = map(_encode_batch, _batches(docs, config.batch_docs))
     try:
         if config.val_data and index["val"] is None:
-            val_docs_iter = _documents(D.expand_sources(config.val_data))
+            val_docs_iter = _documents(_inputs([str(v) for v in config.val_data]))
             val_tokens, val_docs, _ = _concat(map(_encode_batch, _batches(val_docs_iter, config.batch_docs)))
             index["val"] = _write_shard(out / VAL_NAME, val_tokens, val_docs, dtype)
             atomic_write_json(out / INDEX_NAME, index)
@@ -257,7 +279,12 @@ def _progress(config: PrepareConfig, total_bytes: int):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``colafx prepare``."""
     d = PrepareConfig()
-    parser.add_argument("sources", nargs="+", help="files (.txt/.md/.jsonl/.json.gz/.jsonl.zst/.parquet), folders or globs")
+    parser.add_argument("sources", nargs="+",
+                        help="files (.txt/.md/.jsonl/.json.gz/.jsonl.zst/.parquet), folders or globs; or Hugging "
+                             "Face datasets, streamed: hf:BUILDER:FILES (BUILDER: json, parquet, text, csv, arrow; "
+                             "e.g. 'hf:json:c4/*.json.gz'), hf:DIR[:SPLIT] (a save_to_disk folder, or a folder of "
+                             "data files) or hf:NAME[:SPLIT] (a dataset name; set HF_DATASETS_OFFLINE=1 to "
+                             "resolve it from the local cache only); SPLIT defaults to train; the 'text' column")
     parser.add_argument("--tokenizer", required=True, help="HF tokenizer folder, tokenizer.json or .gguf file")
     parser.add_argument("--out", required=True, help="output directory (shards + index.json)")
     parser.add_argument("--workers", type=int, default=d.workers, help="tokenizer processes")
@@ -265,7 +292,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-docs", type=int, default=d.batch_docs, help="documents per tokenizer call")
     val = parser.add_mutually_exclusive_group()
     val.add_argument("--val-tokens", type=int, default=0, help="hold out this many tokens as val.bin")
-    val.add_argument("--val-data", nargs="+", default=None, help="sources tokenized into val.bin")
+    val.add_argument("--val-data", nargs="+", default=None,
+                     help="sources (as above, hf: included) tokenized into val.bin")
     parser.add_argument("--no-progress", dest="progress", action="store_false",
                         help="hide the progress bar (default: shown)")
 

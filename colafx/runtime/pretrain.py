@@ -510,7 +510,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=d.device, help=DEVICE_HELP)
     parser.add_argument("--data", nargs="+", default=None,
                         help="a directory written by colafx prepare (memory-mapped shards), or "
-                             ".txt/.md/.jsonl/.json.gz/.parquet files, folders or globs (read into memory; "
+                             ".txt/.md/.jsonl/.json.gz/.parquet files, folders, globs or hf: sources (see "
+                             "colafx prepare --help; read into memory; "
                              "default: the embedded corpus of Python's own documentation)")
     parser.add_argument("--val-data", nargs="+", default=None,
                         help="validation files (default: hold out --val-fraction of the documents, or a "

@@ -1,6 +1,7 @@
 """Runtime-test helpers."""
 import pytest
 
+from colafx.runtime import data as D
 from colafx.runtime import pretrain as P
 
 
@@ -21,3 +22,19 @@ def interrupted_train(monkeypatch):
             P.train(config)
         monkeypatch.setattr(P, "_train_step", real)
     return run
+
+
+@pytest.fixture(scope="module")
+def docs():
+    """60 English documents (pydoc help topics): the small corpus of the data tests."""
+    from pydoc_data.topics import topics
+
+    return [topics[k] for k in sorted(topics)[:60]]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(docs, tmp_path_factory):
+    """A 512-token byte-level BPE trained on :func:`docs`, saved to a folder."""
+    folder = tmp_path_factory.mktemp("tok")
+    D.train_tokenizer(docs, 512).save_pretrained(folder)
+    return str(folder)

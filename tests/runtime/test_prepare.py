@@ -11,20 +11,6 @@ from colafx.runtime import prepare as PR
 from colafx.runtime import pretrain as P
 
 
-@pytest.fixture(scope="module")
-def docs():
-    from pydoc_data.topics import topics
-
-    return [topics[k] for k in sorted(topics)[:60]]
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(docs, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tok")
-    D.train_tokenizer(docs, 512).save_pretrained(folder)
-    return str(folder)
-
-
 def _write_formats(folder, docs):
     """The same documents as .txt, .md, .jsonl, .json.gz (C4's layout), .jsonl.zst and .parquet."""
     import pyarrow as pa
