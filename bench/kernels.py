@@ -1,4 +1,4 @@
-"""Quantized-matmul kernels at LLaMA shapes: CPU W8A8 (``colafx::int8_linear``) vs fp32 ``F.linear``.
+"""Quantized-matmul kernels at LLaMA shapes on the CPU: colafx vs the int8 / int4 paths users pick.
 
     python bench/kernels.py [--dims 576 1024 2048] [--tokens 1 16 128 512 2048] [--repeats 5]
 
@@ -6,19 +6,25 @@ For every shape ``x [tokens, d] · W [d, d]ᵀ`` the variants are timed interlea
 all of them once, in turn) and the median is reported, because the machine is shared:
 
 * ``fp32``: ``F.linear`` (the reference);
-* ``w8a8``: ``colafx.kernels.int8_linear`` end to end (per-token activation quantization, the exact
-  int8 GEMM of the selected CPU backend, fp32 rescale);
-* ``gemm``: the bare int8×int8→int32 GEMM of that backend, and ``torch._int_mm`` itself when that
-  is not the backend (slow on CPUs without AVX-VNNI, so only up to ``--int-mm-max-tokens``).
+* ``fbgemm``: the peer, PyTorch's dynamic int8 linear (``torch.ao.quantization.quantize_dynamic`` on
+  an ``nn.Linear`` = ``torch.ops.quantized.linear_dynamic`` with a prepacked weight);
+* ``w8a8``: ``colafx.kernels.int8_linear`` end to end (per-token activation quantization, the int8
+  GEMM of the selected CPU backend, fp32 rescale);
+* ``w4a8``: ``colafx.kernels.int4_linear``, per-channel int4 weight, int8 activations;
+* ``w4a16``: ``int4_linear`` group 32, weight-only, with bf16 activations, and its peer ``aten_int4``:
+  ATen's int4 CPU kernel ``_weight_int4pack_mm_for_cpu`` (bf16; its fp32 path is a slow reference);
+* ``gemm``: the bare int8×int8→int32 GEMM of that backend.
 
-It also prints the quantization error (SQNR dB, higher is better) of W8A8 / W4A8 / W4A16 against
-the fp32 product on random LLaMA-like data, and on CUDA times the Triton kernels against cuBLAS
-fp16 and ``torch._int_mm`` (else prints "no CUDA"). Writes ``kernels.json`` and ``kernels.png``.
+Then the in-place ZO perturbation's throughput (weight bytes/s) against MeZO's reference
+perturbation (``torch.manual_seed``; ``p.add_(torch.randn_like(p), alpha=eps)``), and the
+quantization error (SQNR dB vs the fp32 product) of W8A8 exact, W8A8 with 7-bit activations
+(``onednn_a7``, the default on CPUs without VNNI/AMX), FBGEMM, W4A8 and W4A16. On CUDA it times the
+Triton kernels against cuBLAS fp16 and ``torch._int_mm`` (else prints "no CUDA").
+Prints the CPU's features; writes ``kernels.json`` and ``kernels.png``.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -44,11 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (1: on a shared 2-core machine a second OpenMP thread "
                         "mostly measures the scheduler)")
-    p.add_argument("--backend", choices=["auto", "int_mm", "onednn"], default="auto",
-                   help="CPU int8 GEMM behind int8_linear (auto = the faster one, timed once)")
-    p.add_argument("--int-mm-max-tokens", type=int, default=16,
-                   help="also time torch._int_mm itself up to this many tokens (0: never; it is very slow "
-                        "on CPUs without AVX-VNNI)")
+    p.add_argument("--backend", choices=["auto", "int_mm", "onednn", "onednn_a7"], default="auto",
+                   help="CPU int8 GEMM behind int8_linear (auto: onednn with VNNI/AMX, else onednn_a7)")
     p.add_argument("--sqnr-tokens", type=int, default=256, help="rows of x for the SQNR table")
     p.add_argument("--group-size", type=int, default=32, help="group size of the int4 weights")
     p.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for kernels.json / .png")
@@ -91,35 +94,86 @@ def llama_like(tokens: int, d: int, seed: int):
     return x, w
 
 
+def fbgemm_linear(w: torch.Tensor) -> torch.nn.Module:
+    """The peer: what ``torch.ao.quantization.quantize_dynamic`` makes of an ``nn.Linear`` with weight w."""
+    lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+    lin.weight.data.copy_(w)
+    return torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(lin), {torch.nn.Linear}, torch.qint8)[0]
+
+
+def aten_int4(w: torch.Tensor, group: int):
+    """ATen's int4 CPU kernel on bf16 activations (torchao's int4 weight-only layout), group ``group``."""
+    q4 = quantize_weight(w, 4, group)
+    nibbles = torch.stack((q4.qweight & 0xF, q4.qweight >> 4), -1).reshape(w.shape).to(torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(nibbles, 2)
+    scales = q4.scale.t()
+    sz = torch.stack((scales, torch.zeros_like(scales)), -1).bfloat16().contiguous()
+    return lambda xb: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed, group, sz)
+
+
 def cpu_rows(args) -> list[dict]:
-    """Interleaved timings of fp32 F.linear vs W8A8 (and the bare GEMMs) for every shape."""
+    """Interleaved timings of fp32, the FBGEMM peer, colafx W8A8 / W4A8 / W4A16 and ATen int4."""
     rows = []
     backend = cpu_int8_backend()
     for d in args.dims:
         for m in args.tokens:
             x, w = llama_like(m, d, seed=d + m)
-            qw = quantize_weight(w, 8)
+            xb = x.bfloat16()
+            qw, q4, q4g = quantize_weight(w, 8), quantize_weight(w, 4), quantize_weight(w, 4, args.group_size)
             qx, _ = quantize_act_int8(x)
+            peer, int4_peer = fbgemm_linear(w), aten_int4(w, args.group_size)
+            g = args.group_size
             fns = {"fp32": lambda: F.linear(x, w),
+                   "fbgemm": lambda: peer(x),
                    "w8a8": lambda: int8_linear(x, qw.qweight, qw.scale),
-                   "gemm": lambda: int8_gemm_cpu(qx, qw.qweight, cache_key=qw.qweight)}
-            if m <= args.int_mm_max_tokens and backend != "int_mm":
-                fns["int_mm"] = lambda: int8_gemm_cpu(qx, qw.qweight, backend="int_mm")
+                   "w4a8": lambda: int4_linear(x, q4.qweight, q4.scale),
+                   "aten_int4": lambda: int4_peer(xb),
+                   "w4a16": lambda: int4_linear(xb, q4g.qweight, q4g.scale, group_size=g, act_bits=16),
+                   "gemm": lambda: int8_gemm_cpu(qx, qw.qweight, cache_key=qw.qweight, w_scale=qw.scale)}
             t = interleaved(fns, args.repeats, args.min_time)
             flops = 2 * m * d * d
             row = {"d": d, "tokens": m, "backend": backend, **{f"{k}_ms": 1e3 * v for k, v in t.items()},
                    "fp32_gflops": flops / t["fp32"] / 1e9, "w8a8_gops": flops / t["w8a8"] / 1e9,
-                   "gemm_gops": flops / t["gemm"] / 1e9, "speedup": t["fp32"] / t["w8a8"]}
-            if "int_mm" in t:
-                row["int_mm_speedup"] = t["fp32"] / t["int_mm"]
+                   "gemm_gops": flops / t["gemm"] / 1e9, "speedup": t["fp32"] / t["w8a8"],
+                   "vs_fbgemm": t["fbgemm"] / t["w8a8"], "fbgemm_speedup": t["fp32"] / t["fbgemm"],
+                   "w4a8_speedup": t["fp32"] / t["w4a8"], "w4a16_vs_aten": t["aten_int4"] / t["w4a16"],
+                   "w4a16_speedup": t["fp32"] / t["w4a16"]}
             rows.append(row)
-            print(f"  d={d} tokens={m}: fp32 {row['fp32_ms']:.3f} ms, w8a8 {row['w8a8_ms']:.3f} ms "
-                  f"({row['speedup']:.2f}x)", flush=True)
+            print(f"  d={d} tokens={m}: fp32 {row['fp32_ms']:.3f} ms, fbgemm {row['fbgemm_ms']:.3f} ms, "
+                  f"w8a8 {row['w8a8_ms']:.3f} ms ({row['vs_fbgemm']:.2f}x fbgemm)", flush=True)
+    return rows
+
+
+def zo_rows(args) -> list[dict]:
+    """In-place ZO perturbation throughput (weight bytes/s) on a [3d, d] weight vs MeZO's reference."""
+    from colafx.kernels import zo_perturb_, zo_perturb_int_
+    from colafx.kernels.zo import ZO_QMAX
+
+    rows = []
+    for d in args.dims:
+        w = torch.randn(3 * d, d) / d**0.5
+        w_ref = w.clone()
+        q8, q4 = quantize_weight(w, 8, qmax=ZO_QMAX[8]), quantize_weight(w, 4, qmax=ZO_QMAX[4])
+
+        def mezo_reference():  # MeZO's released code: torch.manual_seed(seed); z = torch.normal(...)
+            torch.manual_seed(1)
+            w_ref.add_(torch.normal(0, 1, size=w_ref.shape), alpha=1e-3)
+
+        t = interleaved({"mezo_reference": mezo_reference,
+                         "fp32": lambda: zo_perturb_(w, 1, 1e-3),
+                         "int8": lambda: zo_perturb_int_(q8.qweight, q8.scale, 1, 1e-3, 1, 8),
+                         "int4": lambda: zo_perturb_int_(q4.qweight, q4.scale, 1, 1e-3, 1, 4)},
+                        args.repeats, args.min_time)
+        nbytes = {"mezo_reference": w.nbytes, "fp32": w.nbytes, "int8": q8.qweight.nbytes, "int4": q4.qweight.nbytes}
+        for name, sec in t.items():
+            rows.append({"d": d, "weight": f"[{3 * d}, {d}]", "variant": name, "ms": 1e3 * sec,
+                         "weight_gb_s": nbytes[name] / sec / 1e9, "melem_s": w.numel() / sec / 1e6})
     return rows
 
 
 def sqnr_rows(args, device="cpu") -> list[dict]:
-    """SQNR (dB) of W8A8 / W4A8 / W4A16 (per channel and per group) against the fp32 product."""
+    """SQNR (dB) against the fp32 product of W8A8 (exact and 7-bit activations), the FBGEMM peer,
+    W8A16, W4A8 and W4A16 (per channel and per group)."""
     rows = []
     for d in args.dims:
         x, w = llama_like(args.sqnr_tokens, d, seed=7 * d)
@@ -127,14 +181,20 @@ def sqnr_rows(args, device="cpu") -> list[dict]:
         ref = x @ w.t()
         q8, q4c, q4g = quantize_weight(w, 8), quantize_weight(w, 4), quantize_weight(w, 4, args.group_size)
         g = args.group_size
-        rows.append({
-            "d": d,
-            "w8a8": sqnr_db(ref, int8_linear(x, q8.qweight, q8.scale)),
+        row = {"d": d, "w8a8": sqnr_db(ref, int8_linear(x, q8.qweight, q8.scale))}
+        if device == "cpu":
+            old = cpu_int8_backend()
+            set_cpu_int8_backend("onednn_a7")
+            row["w8a8_a7"] = sqnr_db(ref, int8_linear(x, q8.qweight, q8.scale))
+            set_cpu_int8_backend(old)
+            row["fbgemm"] = sqnr_db(ref, fbgemm_linear(w)(x))
+        row.update({
             "w8a16": sqnr_db(ref, int8_linear(x, q8.qweight, q8.scale, act_bits=16)),
             "w4a8_channel": sqnr_db(ref, int4_linear(x, q4c.qweight, q4c.scale)),
             f"w4a8_g{g}": sqnr_db(ref, int4_linear(x, q4g.qweight, q4g.scale, group_size=g)),
             f"w4a16_g{g}": sqnr_db(ref, int4_linear(x, q4g.qweight, q4g.scale, group_size=g, act_bits=16)),
         })
+        rows.append(row)
     return rows
 
 
@@ -167,48 +227,46 @@ def cuda_rows(args) -> list[dict]:
     return rows
 
 
-def plot(rows: list[dict], path: Path) -> None:
-    """Speedup of W8A8 over fp32 per token count, one line per d."""
+def plot(rows: list[dict], path) -> None:
+    """W8A8 time relative to the FBGEMM peer and to fp32 per token count, one line per d."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for d in sorted({r["d"] for r in rows}):
-        pts = [r for r in rows if r["d"] == d]
-        ax.plot([r["tokens"] for r in pts], [r["speedup"] for r in pts], marker="o", label=f"d={d}")
-    ax.axhline(1.0, color="gray", lw=0.8)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("tokens")
-    ax.set_ylabel("fp32 time / W8A8 time")
-    ax.set_title(f"CPU W8A8 int8_linear vs fp32 F.linear ({rows[0]['backend']})")
-    ax.legend()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for ax, key, label in ((axes[0], "vs_fbgemm", "FBGEMM time / W8A8 time"),
+                           (axes[1], "speedup", "fp32 time / W8A8 time")):
+        for d in sorted({r["d"] for r in rows}):
+            pts = [r for r in rows if r["d"] == d]
+            ax.plot([r["tokens"] for r in pts], [r[key] for r in pts], marker="o", label=f"d={d}")
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("tokens")
+        ax.set_ylabel(label)
+        ax.legend()
+    fig.suptitle(f"CPU W8A8 int8_linear ({rows[0]['backend']}) vs FBGEMM dynamic int8 and fp32 F.linear")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, format="png", dpi=120)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    set_cpu_int8_backend(args.backend)
-    torch.manual_seed(0)
-    print(f"CPU int8 backend: {cpu_int8_backend()}, {args.threads} threads", flush=True)
-    with torch.no_grad():
-        rows = cpu_rows(args)
-        sq = sqnr_rows(args)
-        gpu = cuda_rows(args) if torch.cuda.is_available() else None
-
-    print(f"\nW8A8 `int8_linear` ({rows[0]['backend']}) vs fp32 `F.linear`, x [tokens, d] · W [d, d]ᵀ, CPU, "
-          f"{args.threads} threads, medians of {args.repeats} interleaved repeats\n")
-    extra = any("int_mm_ms" in r for r in rows)
-    print("| d | tokens | fp32 ms | W8A8 ms | speedup | fp32 GFLOP/s | W8A8 GOP/s | int8 GEMM GOP/s |"
-          + (" torch._int_mm ms |" if extra else ""))
-    print("|---|---|---|---|---|---|---|---|" + ("---|" if extra else ""))
+def print_tables(args, rows, zo, sq, gpu, features) -> None:
+    """The Markdown tables of one run."""
+    print(f"\nCPU features: {' '.join(features) or 'unknown'}; int8 backend {rows[0]['backend']}; "
+          f"quantized engine {torch.backends.quantized.engine}; {args.threads} thread(s); medians of "
+          f"{args.repeats} interleaved repeats\n")
+    print("| d | tokens | fp32 ms | FBGEMM ms | W8A8 ms | W8A8 vs FBGEMM | W8A8 vs fp32 | W4A8 ms | W4A8 vs fp32 "
+          f"| ATen int4 bf16 ms | W4A16 g{args.group_size} bf16 ms | W4A16 vs ATen | W4A16 vs fp32 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        tail = f" {r['int_mm_ms']:.3f} |" if "int_mm_ms" in r else (" – |" if extra else "")
-        print(f"| {r['d']} | {r['tokens']} | {r['fp32_ms']:.3f} | {r['w8a8_ms']:.3f} | {r['speedup']:.2f}x | "
-              f"{r['fp32_gflops']:.0f} | {r['w8a8_gops']:.0f} | {r['gemm_gops']:.0f} |" + tail)
+        print(f"| {r['d']} | {r['tokens']} | {r['fp32_ms']:.3f} | {r['fbgemm_ms']:.3f} | {r['w8a8_ms']:.3f} | "
+              f"{r['vs_fbgemm']:.2f}x | {r['speedup']:.2f}x | {r['w4a8_ms']:.3f} | {r['w4a8_speedup']:.2f}x | "
+              f"{r['aten_int4_ms']:.3f} | {r['w4a16_ms']:.3f} | {r['w4a16_vs_aten']:.2f}x | {r['w4a16_speedup']:.2f}x |")
+    print("\nIn-place ZO perturbation of one [3d, d] weight (+ε·u), weight bytes/s and elements/s\n")
+    print("| d | weight | variant | ms | weight GB/s | M elements/s |")
+    print("|---|---|---|---|---|---|")
+    for r in zo:
+        print(f"| {r['d']} | {r['weight']} | {r['variant']} | {r['ms']:.2f} | {r['weight_gb_s']:.2f} | {r['melem_s']:.0f} |")
     keys = [k for k in sq[0] if k != "d"]
     print(f"\nQuantization error vs the fp32 product, SQNR dB (higher is better), {args.sqnr_tokens} tokens\n")
     print("| d | " + " | ".join(keys) + " |")
@@ -224,14 +282,31 @@ def main(argv=None) -> int:
         print("|---|---|" + "---|" * len(cols))
         for r in gpu:
             print(f"| {r['d']} | {r['tokens']} | " + " | ".join(f"{r[k]:.1f}" for k in cols) + " |")
+
+
+def main(argv=None) -> int:
+    from colafx.files import atomic_write_bytes, atomic_write_json
+    from colafx.runtime.device import cpu_features, environment
+
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    set_cpu_int8_backend(args.backend)
+    torch.manual_seed(0)
+    features = cpu_features()
+    print(f"CPU features: {' '.join(features) or 'unknown'}; int8 backend {cpu_int8_backend()}, "
+          f"{args.threads} threads", flush=True)
+    with torch.no_grad():
+        rows = cpu_rows(args)
+        zo = zo_rows(args)
+        sq = sqnr_rows(args)
+        gpu = cuda_rows(args) if torch.cuda.is_available() else None
+    print_tables(args, rows, zo, sq, gpu, features)
     args.out.mkdir(parents=True, exist_ok=True)
     record = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-              "torch": torch.__version__, "cpu": rows, "sqnr_db": sq, "cuda": gpu}
-    from colafx.runtime.device import environment
-
-    record["environment"] = environment(torch.device("cpu"), "fp32")
-    (args.out / "kernels.json").write_text(json.dumps(record, indent=2))
-    plot(rows, args.out / "kernels.png")
+              "torch": torch.__version__, "cpu": rows, "zo_perturb": zo, "sqnr_db": sq, "cuda": gpu,
+              "environment": environment(torch.device("cpu"), "fp32")}
+    atomic_write_json(args.out / "kernels.json", record)
+    atomic_write_bytes(args.out / "kernels.png", lambda tmp: plot(rows, tmp))
     print(f"\nwrote {args.out / 'kernels.json'} and {args.out / 'kernels.png'}")
     return 0
 

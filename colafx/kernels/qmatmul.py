@@ -16,16 +16,27 @@ kernel, scales / bias in the epilogue; per-group W·A8 flushes the int32 accumul
 each group boundary). Triton needs a K-tile that divides the group for per-group W·A8 (a power of
 two ≥ 32 dividing group_size); other group sizes fall back to the PyTorch reference.
 
-CPU: int8×int8→int32 GEMM through one of two exact backends (:func:`set_cpu_int8_backend`):
-``"int_mm"`` = ``torch._int_mm``; ``"onednn"`` = oneDNN's u8s8 ``qlinear_pointwise`` with the
-activation split as ``q = lo + hi``, ``lo, hi ∈ [-64, 64]`` so that AVX2's 16-bit pairwise
-accumulation (``vpmaddubsw``) cannot saturate: one GEMM on the [2M, K] stacked halves, exact.
-``"auto"`` (default) picks ``"int_mm"`` on CPUs with VNNI / AMX int8 instructions and
-``"onednn"`` elsewhere: on AVX2-only CPUs ``torch._int_mm`` takes a slow reference path (~2 GOP/s
-on the 2-core AMD EPYC dev machine, vs ~25 GOP/s per core for the split oneDNN GEMM). (Timing the
-two on the first call picked the wrong one whenever other processes loaded the machine.) The oneDNN
-prepacked weight is cached per weight tensor and refreshed when the tensor's version changes
-(e.g. after an in-place ZO update). Int4 on CPU: unpacked to int8 (W4A8) or dequantized (W4A16).
+CPU (eager calls that need no autograd skip the custom op's dispatch; the ops run the same code):
+activations are quantized per token with :func:`colafx.kernels.quant.quantize_tokens` (bit-identical
+to the reference, few torch ops) and multiplied by one of three backends (:func:`set_cpu_int8_backend`):
+
+* ``"onednn"`` (exact): oneDNN's ``qlinear_pointwise`` on a prepacked weight with the per-channel
+  weight scale fused. On CPUs with VNNI / AMX the int8 codes go in directly (int32 dot products);
+  on AVX2 the activation is split as ``q = lo + hi``, ``lo, hi ∈ [-64, 64]``, so that AVX2's 16-bit
+  pair sums (``vpmaddubsw``) cannot saturate: one GEMM on the [2M, K] stacked halves.
+* ``"int_mm"`` (exact): ``torch._int_mm`` (fast with VNNI / AMX, a slow loop without).
+* ``"onednn_a7"`` (fast, not exact W8A8): 7-bit activation codes (qmax 63, as FBGEMM's
+  ``reduce_range``), ``u8 = q + 64 ≤ 127``: one GEMM, no saturation on AVX2, ~6 dB lower SQNR.
+
+``"auto"`` (default) picks ``"onednn"`` on CPUs with VNNI / AMX and ``"onednn_a7"`` elsewhere. The
+prepacked weight is cached per weight tensor and its version. With VNNI / AMX a weight is packed
+only on its second unchanged use (the first runs ``torch._int_mm``), and a weight changed in place
+(QuZO perturbs weights before every forward) is never kept packed: it runs ``torch._int_mm``.
+Int4 W·A8 per channel: the unpacked int8 codes go through the same GEMM (cached packed, so a
+static weight is not unpacked per call). Per-group W·A8: one fp32 GEMM of the int8 codes with the
+dequantized weight (fp32 instead of int32 accumulation; no loop over groups). W4A16 with bf16 /
+fp16 x: ATen's ``_weight_int4pack_mm_for_cpu`` (needs N % 16 == 0 and a group length divisible by
+32, 64, 128 or 256; its repacked weight is cached per version); other W·A16: dequantize + F.linear.
 
 Autograd: the ops differentiate with respect to ``x`` (straight-through the activation
 quantizer: ``grad_x = grad · dequant(W)``) and ``bias``; quantized weights and scales are buffers
@@ -51,6 +62,7 @@ from .quant import (
     dot_mode,
     interpreting,
     quantize_act_int8,
+    quantize_tokens,
     unpack_int4,
     use_triton,
 )
@@ -66,7 +78,9 @@ __all__ = [
 ]
 
 
-_CPU_BACKENDS = ("auto", "int_mm", "onednn")
+_CPU_BACKENDS = ("auto", "int_mm", "onednn", "onednn_a7")
+A7_QMAX = 63
+"""Activation qmax of the "onednn_a7" backend (7-bit codes: u8 = q + 64 <= 127 cannot saturate AVX2)."""
 _cpu_backend = os.environ.get("COLAFX_CPU_INT8_BACKEND", "auto")
 _resolved_backend: Optional[str] = None
 
@@ -316,21 +330,22 @@ def _onednn_available() -> bool:
 
 
 def set_cpu_int8_backend(name: str) -> None:
-    """Choose the CPU int8 GEMM: "auto" (by CPU features, see the module docstring), "int_mm" or "onednn".
+    """Choose the CPU int8 GEMM: "auto" (by CPU features, see the module docstring), "int_mm",
+    "onednn" (both exact) or "onednn_a7" (7-bit activations, not exact W8A8).
 
-    Both backends give the exact int32 products. Raises ValueError for an unknown name or
-    "onednn" on a build without oneDNN. Also settable with ``COLAFX_CPU_INT8_BACKEND``.
+    Raises ValueError for an unknown name or a oneDNN backend on a build without oneDNN. Also
+    settable with ``COLAFX_CPU_INT8_BACKEND``.
     """
     global _cpu_backend, _resolved_backend
     if name not in _CPU_BACKENDS:
         raise ValueError(f"backend must be one of {_CPU_BACKENDS}, got {name!r}")
-    if name == "onednn" and not _onednn_available():
+    if name.startswith("onednn") and not _onednn_available():
         raise ValueError("this torch build has no oneDNN quantized linear ops")
     _cpu_backend, _resolved_backend = name, None
 
 
 def cpu_int8_backend() -> str:
-    """Return the CPU int8 GEMM backend in use ("int_mm" or "onednn"), resolving "auto" once."""
+    """Return the CPU int8 GEMM backend in use ("int_mm", "onednn" or "onednn_a7"), resolving "auto"."""
     global _resolved_backend
     if _resolved_backend is None:
         if _cpu_backend != "auto":
@@ -338,18 +353,24 @@ def cpu_int8_backend() -> str:
         elif not _onednn_available():
             _resolved_backend = "int_mm"
         else:
-            _resolved_backend = "int_mm" if _has_int8_dot_instructions() else "onednn"
+            _resolved_backend = "onednn" if _has_int8_dot_instructions() else "onednn_a7"
     return _resolved_backend
 
 
+def cpu_act_qmax() -> int:
+    """Largest activation code of the CPU W·A8 path: 63 for "onednn_a7", else 127."""
+    return A7_QMAX if cpu_int8_backend() == "onednn_a7" else QMAX[8]
+
+
 def _has_int8_dot_instructions() -> bool:
-    """True when the CPU has AVX-VNNI / AVX512-VNNI or AMX (oneDNN's fast int8 paths behind _int_mm)."""
+    """True when the CPU has AVX-VNNI / AVX512-VNNI or AMX (int8 dot products into int32, no
+    16-bit saturation: oneDNN's s8 GEMM and torch._int_mm are exact and fast)."""
     cpu = torch.cpu
     probes = ("_is_vnni_supported", "_is_amx_tile_supported")
     return any(getattr(cpu, name, lambda: False)() for name in probes)
 
 
-_PACKED = None  # WeakTensorKeyDictionary: weight tensor -> (version, shape, oneDNN prepacked weight)
+_PACKED = None  # WeakTensorKeyDictionary: weight tensor -> (version, shape, oneDNN packed weight or None)
 _MUTABLE = (None, None, None)  # cache entry of a weight seen changing in place: never packed to keep
 
 
@@ -361,71 +382,93 @@ def _tensor_version(t: torch.Tensor) -> Optional[int]:
         return None
 
 
-def _onednn_weight(qw: torch.Tensor, cache_key: Optional[torch.Tensor]) -> torch.Tensor:
-    """oneDNN-prepacked ``qw`` (int8 [N, K]); cached per ``cache_key`` tensor and its version.
+def _onednn_weight(codes, shape: torch.Size, cache_key: Optional[torch.Tensor], lazy: bool) -> Optional[torch.Tensor]:
+    """oneDNN-prepacked int8 weight ``codes()`` ([N, K] = ``shape``), cached per ``cache_key``
+    tensor and its version (``codes`` is a callable so that a cached int4 weight is not unpacked).
 
-    A weight found changed in place since it was packed (QuZO perturbs its weights before every
+    A weight found changed in place since it was seen (QuZO perturbs its weights before every
     forward) is not cached again: a kept packed copy would never be reused and would double the
-    weight's memory.
+    weight's memory. ``lazy`` (CPUs where ``torch._int_mm`` is fast): return None instead of
+    packing on a weight's first use and for weights that change, so the caller runs ``_int_mm``;
+    only a weight used twice unchanged is packed (packing costs ~10-100 GEMV calls).
     """
     global _PACKED
-    if cache_key is None:
-        return torch.ops.onednn.qlinear_prepack(qw, None)
     if _PACKED is None:
         from torch.utils.weak import WeakTensorKeyDictionary
 
         _PACKED = WeakTensorKeyDictionary()
-    version = _tensor_version(cache_key)
-    hit = _PACKED.get(cache_key) if version is not None else None
-    if hit is not None and hit[0] == version and hit[1] == qw.shape:
-        return hit[2]
-    packed = torch.ops.onednn.qlinear_prepack(qw, None)
-    if version is not None:
-        _PACKED[cache_key] = _MUTABLE if hit is not None else (version, qw.shape, packed)
+    version = None if cache_key is None else _tensor_version(cache_key)
+    if version is None:
+        return None if lazy else torch.ops.onednn.qlinear_prepack(codes(), None)
+    hit = _PACKED.get(cache_key)
+    if hit is not None and hit[0] == version and hit[1] == shape:
+        if hit[2] is None and lazy:  # second use, unchanged: pack and keep
+            _PACKED[cache_key] = (version, shape, torch.ops.onednn.qlinear_prepack(codes(), None))
+        return _PACKED[cache_key][2]
+    if hit is not None:  # changed in place (or a stale entry of another shape): never keep a copy
+        _PACKED[cache_key] = _MUTABLE
+        return None if lazy else torch.ops.onednn.qlinear_prepack(codes(), None)
+    packed = None if lazy else torch.ops.onednn.qlinear_prepack(codes(), None)
+    _PACKED[cache_key] = (version, shape, packed)
     return packed
 
 
-def _gemm_int_mm(qx: torch.Tensor, qw: torch.Tensor, cache_key) -> torch.Tensor:
-    """Exact qx·qwᵀ as fp32 via ``torch._int_mm`` (int32 accumulation)."""
-    return torch._int_mm(qx, qw.t()).float()
+def _onednn_linear(x: torch.Tensor, zero_point: int, packed: torch.Tensor, w_scale: torch.Tensor):
+    """oneDNN ``x · Wᵀ · w_scale[n]`` as fp32 (x int8 with zero point 0, or uint8 with ``zero_point``)."""
+    zeros = torch.zeros(w_scale.numel(), dtype=torch.int64)
+    return torch.ops.onednn.qlinear_pointwise(
+        x, 1.0, zero_point, packed, w_scale, zeros, None, 1.0, 0, torch.float32, "none", [], ""
+    )
 
 
-def _gemm_onednn(qx: torch.Tensor, qw: torch.Tensor, cache_key) -> torch.Tensor:
-    """Exact qx·qwᵀ as fp32 via oneDNN u8s8, activation split in two 7-bit halves (no saturation)."""
-    m, n = qx.shape[0], qw.shape[0]
+def _scaled_gemm(qx: torch.Tensor, codes, shape: torch.Size, w_scale: torch.Tensor, name: str,
+                 cache_key: Optional[torch.Tensor]) -> torch.Tensor:
+    """``(qx · Wᵀ) · w_scale[n]`` as fp32 [M, N]; qx int8 contiguous, ``codes()`` the int8 weight
+    W [N, K] = ``shape`` (contiguous), w_scale fp32 [N]."""
+    if name == "int_mm":
+        return torch.mul(torch._int_mm(qx, codes().t()), w_scale)
+    dot = _has_int8_dot_instructions()
+    packed = _onednn_weight(codes, shape, cache_key, lazy=dot)
+    if packed is None:  # VNNI / AMX: torch._int_mm is exact and fast without packing
+        return torch.mul(torch._int_mm(qx, codes().t()), w_scale)
+    if name == "onednn_a7":  # u8 = q + 64 <= 127: AVX2's int16 pair sums of u8·s8 cannot saturate
+        return _onednn_linear(qx.add(64).view(torch.uint8), 64, packed, w_scale)
+    if dot:  # s8 activations: VNNI / AMX dot products accumulate in int32
+        return _onednn_linear(qx, 0, packed, w_scale)
+    m = qx.shape[0]  # AVX2, exact: q = lo + hi with lo, hi in [-64, 64], one GEMM on [2M, K]
     wide = qx.to(torch.int16)
     low = torch.div(wide, 2, rounding_mode="floor")
-    halves = torch.cat((low, wide - low)).add_(64).to(torch.uint8)  # [2M, K] in [0, 128]
-    packed = _onednn_weight(qw, cache_key)
-    ones = torch.ones(n, dtype=torch.float32)
-    zeros = torch.zeros(n, dtype=torch.int64)
-    both = torch.ops.onednn.qlinear_pointwise(
-        halves, 1.0, 64, packed, ones, zeros, None, 1.0, 0, torch.float32, "none", [], ""
-    )
+    halves = torch.cat((low, wide - low)).add_(64).to(torch.uint8)
+    both = _onednn_linear(halves, 64, packed, w_scale)
     return both[:m] + both[m:]
 
 
-_GEMMS = {"int_mm": _gemm_int_mm, "onednn": _gemm_onednn}
-
-
 def int8_gemm_cpu(qx: torch.Tensor, qw: torch.Tensor, backend: Optional[str] = None,
-                  cache_key: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Return ``qx @ qw.T`` (int8 [M, K] × int8 [N, K]) exactly, as fp32 [M, N], on the CPU.
+                  cache_key: Optional[torch.Tensor] = None, w_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Return ``qx @ qw.T`` (int8 [M, K] × int8 [N, K]) as fp32 [M, N] on the CPU, times
+    ``w_scale`` (fp32 [N], per output channel) when given.
 
-    ``backend`` defaults to :func:`cpu_int8_backend`. ``cache_key`` (a persistent weight tensor)
-    enables caching of the oneDNN prepacked weight. Raises TypeError for non-int8 inputs and
-    ValueError for mismatched K or an unknown backend.
+    Exact (int32 accumulation) for "int_mm" and "onednn"; "onednn_a7" is exact for qx in
+    [-64, 63] (its 7-bit activation codes). ``backend`` defaults to :func:`cpu_int8_backend`.
+    ``cache_key`` (a persistent weight tensor) enables caching of the oneDNN prepacked weight.
+    Raises TypeError for non-int8 inputs and ValueError for mismatched K, an unknown backend or
+    codes outside [-64, 63] for "onednn_a7".
     """
     if qx.dtype != torch.int8 or qw.dtype != torch.int8:
         raise TypeError(f"int8_gemm_cpu needs int8 inputs, got {qx.dtype} and {qw.dtype}")
     if qx.dim() != 2 or qw.dim() != 2 or qx.shape[1] != qw.shape[1]:
         raise ValueError(f"shapes {tuple(qx.shape)} and {tuple(qw.shape)} do not fit [M,K]x[N,K]")
     name = backend or cpu_int8_backend()
-    if name not in _GEMMS:
-        raise ValueError(f"backend must be one of {tuple(_GEMMS)}, got {name!r}")
-    if qx.shape[0] == 0 or qw.shape[0] == 0 or qx.shape[1] == 0:
-        return torch.zeros(qx.shape[0], qw.shape[0])
-    return _GEMMS[name](qx.contiguous(), qw.contiguous(), cache_key)
+    if name not in _CPU_BACKENDS[1:]:
+        raise ValueError(f"backend must be one of {_CPU_BACKENDS[1:]}, got {name!r}")
+    if name == "onednn_a7" and qx.numel() and not -64 <= int(qx.min()) <= int(qx.max()) <= 63:
+        raise ValueError("backend 'onednn_a7' takes activation codes in [-64, 63]")
+    n = qw.shape[0]
+    scale = torch.ones(n) if w_scale is None else w_scale.reshape(n).float()
+    if qx.shape[0] == 0 or n == 0 or qx.shape[1] == 0:
+        return torch.zeros(qx.shape[0], n)
+    qw = qw.contiguous()
+    return _scaled_gemm(qx.contiguous(), lambda: qw, qw.shape, scale.contiguous(), name, cache_key)
 
 
 # --------------------------------------------------------------------------------------------
@@ -433,36 +476,87 @@ def int8_gemm_cpu(qx: torch.Tensor, qw: torch.Tensor, backend: Optional[str] = N
 # --------------------------------------------------------------------------------------------
 
 
+_INT4_GROUPS = (256, 128, 64, 32)  # the group lengths ATen's int4 CPU kernel takes
+_INT4PACKED = None  # WeakTensorKeyDictionary: packed int4 qweight -> (version, dtype, ATen int4pack, scales)
+
+
+def _aten_int4_group(n: int, group_len: int) -> Optional[int]:
+    """The group length to run ATen's int4 kernel with (a divisor of ours in 32..256), or None
+    when it cannot take this weight (N must be a multiple of 16)."""
+    if n % 16:
+        return None
+    return next((g for g in _INT4_GROUPS if group_len % g == 0), None)
+
+
+def _aten_int4_linear(x2: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor) -> Optional[torch.Tensor]:
+    """W4A16 for bf16 / fp16 ``x2`` [M, K] through ``aten._weight_int4pack_mm_for_cpu``; None
+    where it does not apply. The repacked weight (same size as ours) is cached per ``qweight``
+    and its version, so a weight changed in place is repacked."""
+    global _INT4PACKED
+    n, k = qweight.shape[0], qweight.shape[1] * 2
+    group_len = k // w_scale.shape[1]
+    g = _aten_int4_group(n, group_len)
+    if g is None or x2.dtype not in (torch.bfloat16, torch.float16):
+        return None
+    if _INT4PACKED is None:
+        from torch.utils.weak import WeakTensorKeyDictionary
+
+        _INT4PACKED = WeakTensorKeyDictionary()
+    version = _tensor_version(qweight)
+    hit = _INT4PACKED.get(qweight) if version is not None else None
+    if hit is None or hit[0] != version or hit[1] != x2.dtype:
+        nibbles = torch.stack(((qweight & 0xF), (qweight >> 4)), dim=-1).reshape(n, k).to(torch.int32)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(nibbles, 2)
+        scales = w_scale.repeat_interleave(group_len // g, dim=1).t()  # [K / g, N]; zero 0: w = (u - 8)·s
+        hit = (version, x2.dtype, packed, torch.stack((scales, torch.zeros_like(scales)), -1).to(x2.dtype).contiguous())
+        if version is not None:
+            _INT4PACKED[qweight] = hit
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), hit[2], g, hit[3])
+
+
 def _qlinear_cpu(x, qweight, w_scale, bias, act_bits, bits):
-    """CPU fast path: exact int8 GEMM + fp32 epilogue (W·A8), or dequantize + F.linear (W·A16)."""
-    q = unpack_int4(qweight) if bits == 4 else qweight
-    n, k = q.shape
+    """CPU fast path: int8 GEMM + fp32 epilogue (W·A8), ATen's int4 kernel (W4A16, 16-bit x), or
+    dequantize + F.linear (other W·A16)."""
+    n = qweight.shape[0]
+    k = x.shape[-1]
     groups = w_scale.shape[1]
     x2 = x.reshape(-1, k)
     if act_bits == 16:
-        w = dequantize_ref(q, w_scale).to(x.dtype)
-        b = None if bias is None else bias.to(x.dtype)
-        return F.linear(x2, w, b).reshape(*x.shape[:-1], n)
-    qx, sx = quantize_act_int8(x2)
-    if groups == 1:
-        acc = int8_gemm_cpu(qx, q, cache_key=qweight).mul_(w_scale.reshape(1, n))
-    else:
-        acc = _grouped_gemm_cpu(qx, q, w_scale)
+        out = _aten_int4_linear(x2, qweight, w_scale) if bits == 4 else None
+        if out is None:
+            q = unpack_int4(qweight) if bits == 4 else qweight
+            out = F.linear(x2, dequantize_ref(q, w_scale).to(x.dtype))
+        if bias is not None:
+            out = out + bias.to(x.dtype)
+        return out.reshape(*x.shape[:-1], n)
+    name = cpu_int8_backend()
+    qx, sx = quantize_tokens(x2, A7_QMAX if name == "onednn_a7" else QMAX[8])
+    if groups == 1 and qx.numel() and n:
+        def codes():
+            return (unpack_int4(qweight) if bits == 4 else qweight).contiguous()
+
+        acc = _scaled_gemm(qx, codes, torch.Size((n, k)), w_scale.reshape(n), name, qweight)
+    elif groups == 1:
+        acc = torch.zeros(qx.shape[0], n)
+    else:  # Σ_g sw[n, g]·(qx_g · q_gᵀ) = qx · dequant(W)ᵀ: one fp32 GEMM on the codes, no loop over groups
+        q = unpack_int4(qweight) if bits == 4 else qweight
+        acc = F.linear(qx.float(), dequantize_ref(q, w_scale))
     acc.mul_(sx)
     if bias is not None:
         acc.add_(bias.float())
-    return acc.to(x.dtype).reshape(*x.shape[:-1], n)
+    out = acc if x.dtype == torch.float32 else acc.to(x.dtype)
+    return out if x.dim() == 2 else out.reshape(*x.shape[:-1], n)
 
 
-def _grouped_gemm_cpu(qx, q, w_scale):
-    """Σ_g sw[:, g] · (qx_g · q_gᵀ): one exact int8 GEMM per group (no weight caching)."""
-    groups = w_scale.shape[1]
-    g = q.shape[1] // groups
-    acc = torch.zeros(qx.shape[0], q.shape[0])
-    for j in range(groups):
-        cols = slice(j * g, (j + 1) * g)
-        acc.add_(int8_gemm_cpu(qx[:, cols], q[:, cols]).mul_(w_scale[:, j]))
-    return acc
+def _eager_cpu(x: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
+    """True for plain eager CPU calls that need no autograd: the op's dispatch can be skipped."""
+    if type(x) is not torch.Tensor or use_triton(x):
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        return False
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    return torch._C._len_torch_dispatch_stack() == 0  # no FakeTensor / proxy (export) mode active
 
 
 def _qlinear_impl(x, qweight, w_scale, bias, act_bits, bits):
@@ -541,6 +635,8 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
     Raises TypeError for wrong dtypes, ValueError for shape mismatches or act_bits not in {8, 16}.
     """
     _check_linear_inputs(x, qweight, w_scale, bias, act_bits, 8)
+    if _eager_cpu(x, bias):
+        return _qlinear_cpu(x, qweight, w_scale, bias, act_bits, 8)
     return torch.ops.colafx.int8_linear(x, qweight, w_scale, bias, act_bits)
 
 
@@ -558,4 +654,6 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
     k, groups = _check_linear_inputs(x, qweight, w_scale, bias, act_bits, 4)
     if k // check_group_size(k, group_size) != groups:
         raise ValueError(f"group_size={group_size} does not match w_scale {tuple(w_scale.shape)} for K={k}")
+    if _eager_cpu(x, bias):
+        return _qlinear_cpu(x, qweight, w_scale, bias, act_bits, 4)
     return torch.ops.colafx.int4_linear(x, qweight, w_scale, bias, group_size, act_bits)

@@ -39,6 +39,7 @@ __all__ = [
     "pack_int4",
     "unpack_int4",
     "quantize_ref",
+    "quantize_tokens",
     "dequantize_ref",
     "uniform_noise",
     "triton_uniform_noise",
@@ -61,6 +62,7 @@ ROUNDINGS = ("nearest", "stochastic")
 
 _MAX_SEED = (1 << 63) - 1
 _QUANT_BLOCK = 1024
+_SMALL = 1 << 16  # elements up to which a temporary |x| is cheaper than two reductions
 
 FORCE_TRITON = False
 """Tests set this to True to run every colafx kernel op's Triton kernels on CPU tensors (under
@@ -277,16 +279,32 @@ def quantize_ref(
     g = k if group_size is None else group_size
     if g <= 0 or k % g:
         raise ValueError(f"group_size {group_size} must divide the last dim {k}")
+    if noise is not None and noise.numel() != x.numel():
+        raise ValueError(f"noise has {noise.numel()} elements, expected {x.numel()}")
     rows = x.reshape(-1, g).float()
-    scale = rows.abs().amax(dim=-1, keepdim=True).clamp_min(SCALE_FLOOR) / qmax
-    if noise is None:
-        offset = 0.5
-    else:
-        if noise.numel() != x.numel():
-            raise ValueError(f"noise has {noise.numel()} elements, expected {x.numel()}")
-        offset = noise.reshape(rows.shape).float()
-    q = torch.floor(rows / scale + offset).clamp_(-qmax, qmax).to(torch.int8)
+    # absmax = max(max, -min): no |x| temporary; then one temporary for x / scale, rounded in place
+    amax = torch.maximum(rows.amax(dim=-1, keepdim=True), rows.amin(dim=-1, keepdim=True).neg_())
+    scale = amax.clamp_min_(SCALE_FLOOR).div_(qmax)
+    v = rows / scale
+    v.add_(0.5 if noise is None else noise.reshape(rows.shape).float())
+    q = v.floor_().clamp_(-qmax, qmax).to(torch.int8)
     return q.reshape(x.shape), scale.reshape(*x.shape[:-1], k // g)
+
+
+def quantize_tokens(x2d: torch.Tensor, qmax: int):
+    """Nearest-rounding per-row absmax quantizer with few torch ops (the CPU linears' hot path).
+
+    Bit-identical to ``quantize_ref(x2d, qmax)`` for a 2-D float ``x2d``: no clamp is needed
+    because ``|x / scale| <= qmax·(1 + 2⁻²³)`` rounds to at most ``qmax``. Returns ``(q int8,
+    scale fp32 [rows, 1])``.
+    """
+    x = x2d.float()
+    if x.numel() <= _SMALL:
+        amax = x.abs().amax(dim=-1, keepdim=True)
+    else:  # no |x| temporary for large inputs
+        amax = torch.maximum(x.amax(dim=-1, keepdim=True), x.amin(dim=-1, keepdim=True).neg_())
+    scale = amax.clamp_min_(SCALE_FLOOR).div_(qmax)
+    return (x / scale).add_(0.5).floor_().to(torch.int8), scale
 
 
 def dequantize_ref(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

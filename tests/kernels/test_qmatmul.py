@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from colafx.kernels import qmatmul
 from colafx.kernels.qmatmul import int4_linear, int8_gemm_cpu, int8_linear, qlinear_ref, qlinear_triton
-from colafx.kernels.quant import quantize_weight, unpack_int4
+from colafx.kernels.quant import dequantize_ref, quantize_ref, quantize_weight, unpack_int4
 from colafx.kernels.zo import ZO_QMAX, zo_perturb_int_
 
 from .conftest import REL_TOL, needs_triton, rel_err, sqnr_db
@@ -63,10 +63,11 @@ def test_triton_kernel_matches_ref(m, dtype, bits, k, group_size, act_bits):
 )
 def test_cpu_op_matches_ref(m, dtype, bits, k, group_size, act_bits):
     x, qw, b = _case(m, k, bits, group_size, dtype)
-    out = _linear(x, qw, b, act_bits)
     ref = qlinear_ref(x, qw.qweight, qw.scale, b, act_bits, bits)
-    assert out.dtype == dtype and out.shape == (m, N)
-    assert rel_err(out, ref) <= _tol(dtype)
+    for _ in range(2):  # first use (unpacked weight), then the cached prepacked one
+        out = _linear(x, qw, b, act_bits)
+        assert out.dtype == dtype and out.shape == (m, N)
+        assert rel_err(out, ref) <= _tol(dtype)
 
 
 @needs_triton
@@ -114,9 +115,45 @@ def test_cpu_int8_gemm_backends_are_exact_at_the_extremes(backend, m, k, n):
     if m > 1:
         qx[1] = -127
     exact = qx.long() @ qw.long().T
-    got = int8_gemm_cpu(qx, qw, backend=backend)
-    assert got.dtype == torch.float32
-    assert torch.equal(got.double(), exact.double())
+    for cache_key in (None, qw, qw, qw):  # uncached, first sighting, second use (packed), cached
+        got = int8_gemm_cpu(qx, qw, backend=backend, cache_key=cache_key)
+        assert got.dtype == torch.float32
+        assert torch.equal(got.double(), exact.double())
+
+
+@pytest.mark.skipif(not qmatmul._onednn_available(), reason="torch build without oneDNN int8 ops")
+@pytest.mark.parametrize("m, k, n", [(1, 67, 45), (129, 300, 45)])
+def test_onednn_a7_gemm_is_exact_for_7_bit_codes_and_rejects_8_bit_ones(m, k, n):
+    gen = torch.Generator().manual_seed(k)
+    qx = torch.randint(-64, 64, (m, k), dtype=torch.int8, generator=gen)
+    qw = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen)
+    qx[0, :3], qw[0] = torch.tensor([-64, 63, -64], dtype=torch.int8), -127
+    scale = torch.rand(n, generator=gen) + 0.5
+    got = int8_gemm_cpu(qx, qw, backend="onednn_a7", w_scale=scale)
+    torch.testing.assert_close(got.double(), (qx.long() @ qw.long().T).double() * scale.double(),
+                               rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="-64, 63"):
+        int8_gemm_cpu(torch.full_like(qx, 64), qw, backend="onednn_a7")
+
+
+@pytest.mark.skipif(not qmatmul._onednn_available(), reason="torch build without oneDNN int8 ops")
+def test_onednn_a7_linear_matches_a_7_bit_activation_reference_and_loses_sqnr():
+    """The non-exact fast form: per-token 7-bit codes (qmax 63); compared with its own reference,
+    and its SQNR against fp32 is below the exact W8A8's (by ~6 dB: one bit)."""
+    gen = torch.Generator().manual_seed(3)
+    x, w = torch.randn(65, 96, generator=gen), torch.randn(45, 96, generator=gen) / 10
+    qw = quantize_weight(w, 8)
+    old = qmatmul._cpu_backend
+    try:
+        qmatmul.set_cpu_int8_backend("onednn_a7")
+        out = int8_linear(x, qw.qweight, qw.scale)
+    finally:
+        qmatmul.set_cpu_int8_backend(old)
+    qx, sx = quantize_ref(x, qmatmul.A7_QMAX)
+    ref = (qx.double() * sx.double()) @ dequantize_ref(qw.qweight, qw.scale).double().T
+    assert rel_err(out, ref) <= REL_TOL[torch.float32]
+    exact = int8_linear(x, qw.qweight, qw.scale)
+    assert sqnr_db(out, F.linear(x, w)) < sqnr_db(exact, F.linear(x, w)) - 3
 
 
 def test_cached_weight_follows_in_place_updates():
@@ -124,7 +161,8 @@ def test_cached_weight_follows_in_place_updates():
     gen = torch.Generator().manual_seed(0)
     x, w = torch.randn(5, 64, generator=gen), torch.randn(32, 64, generator=gen)
     qw = quantize_weight(w, 8, qmax=ZO_QMAX[8])
-    before = int8_linear(x, qw.qweight, qw.scale)
+    for _ in range(3):  # the weight is packed on its second use
+        before = int8_linear(x, qw.qweight, qw.scale)
     zo_perturb_int_(qw.qweight, qw.scale, seed=1, eps=0.05, sign=1, bits=8)
     after = int8_linear(x, qw.qweight, qw.scale)
     ref = qlinear_ref(x, qw.qweight, qw.scale)
@@ -134,13 +172,14 @@ def test_cached_weight_follows_in_place_updates():
 
 @pytest.mark.skipif(not qmatmul._onednn_available(), reason="torch build without oneDNN int8 ops")
 def test_onednn_cache_keeps_no_copy_of_weights_changed_in_place():
-    """Constant weights stay prepacked; a weight changed in place (ZO) is repacked per call and
-    its packed copy is dropped, so perturbed weights never hold a second copy in memory."""
+    """Constant weights stay prepacked; a weight changed in place (ZO) is never kept packed,
+    so perturbed weights never hold a second copy in memory."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(-127, 128, (3, 64), dtype=torch.int8, generator=gen)
     const, changing = (torch.randint(-127, 128, (16, 64), dtype=torch.int8, generator=gen) for _ in range(2))
-    for w in (const, changing):
-        int8_gemm_cpu(x, w, backend="onednn", cache_key=w)
+    for _ in range(2):
+        for w in (const, changing):
+            int8_gemm_cpu(x, w, backend="onednn", cache_key=w)
     changing.add_(1)
     got = int8_gemm_cpu(x, changing, backend="onednn", cache_key=changing)
     assert torch.equal(got.double(), (x.long() @ changing.long().T).double())
@@ -183,14 +222,15 @@ def test_backend_selection():
         qmatmul.set_cpu_int8_backend("int_mm")
         assert qmatmul.cpu_int8_backend() == "int_mm"
         qmatmul.set_cpu_int8_backend("auto")
-        assert qmatmul.cpu_int8_backend() in ("int_mm", "onednn")
+        assert qmatmul.cpu_int8_backend() in ("int_mm", "onednn", "onednn_a7")
     finally:
         qmatmul.set_cpu_int8_backend(old)
 
 
 @pytest.mark.parametrize("vnni", [False, True])
-def test_auto_backend_uses_int_mm_only_with_int8_dot_instructions(monkeypatch, vnni):
-    """Without VNNI / AMX, torch._int_mm is a slow reference loop: "auto" must pick oneDNN then."""
+def test_auto_backend_is_exact_only_with_int8_dot_instructions(monkeypatch, vnni):
+    """With VNNI / AMX the exact s8 GEMM is fast: "auto" picks "onednn"; without, exactness costs a
+    second GEMM, so "auto" picks the 7-bit-activation form."""
     if not qmatmul._onednn_available():
         pytest.skip("this torch build has no oneDNN quantized linear ops")
     monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: vnni, raising=False)
@@ -198,7 +238,7 @@ def test_auto_backend_uses_int_mm_only_with_int8_dot_instructions(monkeypatch, v
     old = qmatmul._cpu_backend
     try:
         qmatmul.set_cpu_int8_backend("auto")
-        assert qmatmul.cpu_int8_backend() == ("int_mm" if vnni else "onednn")
+        assert qmatmul.cpu_int8_backend() == ("onednn" if vnni else "onednn_a7")
     finally:
         qmatmul.set_cpu_int8_backend(old)
 
@@ -230,3 +270,21 @@ def test_bad_inputs_raise(index):
     call, error = _bad_calls()[index]
     with pytest.raises(error):
         call()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("k, group_size", [(96, 32), (192, 64), (96, None)])
+def test_w4a16_with_16_bit_x_runs_atens_int4_kernel_and_follows_in_place_updates(dtype, k, group_size):
+    """N a multiple of 16 and a group length with a divisor in 32..256: ATen's int4 kernel runs
+    (its repacked weight is cached); after an in-place change of the weight it is repacked."""
+    gen = torch.Generator().manual_seed(k)
+    x = torch.randn(5, k, generator=gen).to(dtype)
+    qw = quantize_weight(torch.randn(48, k, generator=gen) / k**0.5, 4, group_size, qmax=ZO_QMAX[4])
+    out = int4_linear(x, qw.qweight, qw.scale, None, group_size, act_bits=16)
+    assert qw.qweight in qmatmul._INT4PACKED
+    assert out.dtype == dtype
+    assert rel_err(out, qlinear_ref(x, qw.qweight, qw.scale, None, 16, 4)) <= _tol(dtype)
+    zo_perturb_int_(qw.qweight, qw.scale, seed=3, eps=0.5, sign=1, bits=4)
+    before, out = out, int4_linear(x, qw.qweight, qw.scale, None, group_size, act_bits=16)
+    assert not torch.equal(before, out)
+    assert rel_err(out, qlinear_ref(x, qw.qweight, qw.scale, None, 16, 4)) <= _tol(dtype)

@@ -15,6 +15,7 @@ from colafx.kernels.quant import (
     pack_int4,
     quantize_act_int8,
     quantize_ref,
+    quantize_tokens,
     quantize_weight,
     triton_uniform_noise,
     uniform_noise,
@@ -232,3 +233,16 @@ def test_derive_seed_gives_distinct_in_range_streams():
     seeds = {quant.derive_seed(s, salt) for s in range(50) for salt in range(4)}
     assert len(seeds) == 200 and all(0 <= s < 2**31 for s in seeds)
     assert quant.derive_seed(3, 1) == quant.derive_seed(3, 1)
+
+
+@pytest.mark.parametrize("qmax", [127, 63])
+@pytest.mark.parametrize("rows, cols", [(3, 67), (300, 300)])  # below and above quant._SMALL elements
+def test_quantize_tokens_is_bit_identical_to_quantize_ref_including_ties_and_zero_rows(qmax, rows, cols):
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, cols, generator=gen) * 3
+    x[0] = 0.0  # all-zero row: scale floor
+    x[1, :4] = torch.tensor([qmax, 0.5, -0.5, 2.5])  # row absmax qmax -> scale 1: exact ties
+    q, scale = quantize_tokens(x, qmax)
+    q_ref, scale_ref = quantize_ref(x, qmax)
+    assert torch.equal(q, q_ref) and torch.equal(scale, scale_ref)
+    assert q[1, :4].tolist() == [qmax, 1, 0, 3]  # ties round up
