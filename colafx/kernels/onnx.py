@@ -1,28 +1,38 @@
 """ONNX translations of the colafx inference ops, for ``torch.onnx.export(..., dynamo=True)``.
 
-``torch.onnx.export(model, args, dynamo=True, custom_translation_table=onnx_translation_table())``
+``torch.onnx.export(model, args, dynamo=True, custom_translation_table=onnx_translation_table(ops=...))``
 
 * ``colafx::lowrank_act``  → ``MatMul`` (+ ``x · Sigmoid(x)`` for SiLU).
 * ``colafx::quantize_act_int8`` → per-token absmax in primitive ops (same numerics as the op).
+
+Quantized linears, ``ops="contrib"`` (the default; onnxruntime's fused ``com.microsoft`` operators,
+one node per linear):
+
+* ``colafx::int8_linear`` and ``colafx::int4_linear`` → ``com.microsoft::MatMulNBits`` with
+  bits 8 / 4 and the default zero point 2^(bits-1): the codes + 128 (int8) or the packed nibbles
+  (int4, low nibble first — exactly :func:`colafx.kernels.quant.pack_int4`'s layout) as uint8
+  [N, K / block_size, block_size · bits / 8], so no zero-point input. The block size is the group
+  size, or for per-channel weights the largest power of two in [16, 128] dividing K with the
+  channel scale repeated per block. ``act_bits=8`` sets ``accuracy_level=4``: onnxruntime quantizes
+  A to int8 per block of K (symmetric) — close to, not identical with, the op's per-token
+  quantization (finer, so not less accurate). ``act_bits=16``: A stays fp32 (same numbers as the
+  op up to summation order). When the group size is not a power of two ≥ 16, or K has no such
+  divisor, the standard translation below is used.
+
+``ops="standard"`` (ai.onnx operators only, for runtimes other than onnxruntime):
+
 * ``colafx::int8_linear`` (W8A8, default ``act_quant="per_token"``) → the op's own per-token
   symmetric int8 quantization written in primitive ops (``ReduceMax(Abs)``, ``Floor(x/s + 0.5)``,
-  ``Clip``, ``Cast``) → ``MatMulInteger`` → ``Cast`` → ``Mul(scales)`` (+ bias). Both operands enter
-  MatMulInteger as uint8 codes + 128 with zero point 128 (onnxruntime's uint8 × uint8 kernel is exact
-  and fast on AVX2; int8 × int8 is ~20x slower, uint8 × int8 saturates). It reproduces the torch
-  op's integers exactly. ``act_quant="dynamic"`` uses onnxruntime's
-  ``DynamicQuantizeLinear`` instead (per-tensor asymmetric uint8: fewer, faster nodes, different
-  numerics). W8A16 and per-group W8A8 dequantize the weight in the graph and use ``MatMul``
-  (per-group W8A8 then multiplies the fake-quantized activations: equal up to fp32 rounding).
-* ``colafx::int4_linear`` → ``com.microsoft::MatMulNBits`` (bits 4, zero point 8 = the default,
-  packed uint8 [N, K / block_size, block_size / 2], low nibble first — exactly
-  :func:`colafx.kernels.quant.pack_int4`'s layout, so no zero-point input). The block size is
-  the group size, or for per-channel weights the largest power of two in [16, 128] dividing K
-  with the channel scale repeated per block. ``act_bits=8`` sets ``accuracy_level=4`` (onnxruntime
-  quantizes A to int8 per block: close to, not identical with, the op's per-token W4A8). When the
-  group size is not a power of two ≥ 16, or K has no such divisor, the weight is unpacked
-  (``BitwiseAnd`` / ``BitShift``) and dequantized in the graph instead; the exporter's optimizer
-  may constant-fold that into a float initializer (same numbers, no size saving). The same
-  holds for W8A16 / per-group W8A8.
+  ``Clip``, ``Cast``) → ``MatMulInteger`` → ``Cast`` → ``Mul(scales)`` (+ bias), ~14 nodes. Both
+  operands enter MatMulInteger as uint8 codes + 128 with zero point 128 (onnxruntime's uint8 ×
+  uint8 kernel is exact everywhere; its uint8 × int8 kernel saturates on AVX2 CPUs without VNNI).
+  It reproduces the torch op's integers exactly. ``act_quant="dynamic"`` uses
+  ``DynamicQuantizeLinear`` instead (per-tensor asymmetric uint8: fewer nodes, different numerics).
+  W8A16 and per-group W8A8 dequantize the weight in the graph and use ``MatMul`` (per-group W8A8
+  then multiplies the fake-quantized activations: equal up to fp32 rounding).
+* ``colafx::int4_linear`` → the weight unpacked (``BitwiseAnd`` / ``BitShift``) and dequantized in
+  the graph, activations quantized per token as the op does, ``MatMul``; the exporter's optimizer
+  may constant-fold the weight into a float initializer (same numbers, no size saving).
 
 Inputs may be fp32 / fp16 / bf16; the graph computes in fp32 and casts back to x's type.
 Training-only ops (``lowrank_act_dz``, the ZO ops) have no translation.
@@ -43,6 +53,7 @@ __all__ = [
     "int4_linear_onnx",
     "onnx_translation_table",
     "nbits_block_size",
+    "ONNX_OPS",
 ]
 
 _MSFT = Opset("com.microsoft", 1)
@@ -55,10 +66,10 @@ _SCALE_FLOOR = 1e-12
 
 
 @onnxscript.script(_MSFT)
-def _matmul_nbits(A: FLOAT[...], B: UINT8[...], scales: FLOAT[...], K: int, N: int, block_size: int,
+def _matmul_nbits(A: FLOAT[...], B: UINT8[...], scales: FLOAT[...], K: int, N: int, bits: int, block_size: int,
                   accuracy_level: int) -> FLOAT[...]:
-    """com.microsoft::MatMulNBits, 4-bit, default zero point 8 (typed for the custom domain)."""
-    return _MSFT.MatMulNBits(A, B, scales, K=K, N=N, bits=4, block_size=block_size,
+    """com.microsoft::MatMulNBits, default zero point 2^(bits-1) (typed for the custom domain)."""
+    return _MSFT.MatMulNBits(A, B, scales, K=K, N=N, bits=bits, block_size=block_size,
                              accuracy_level=accuracy_level)
 
 
@@ -130,12 +141,16 @@ def _int8_w8a8(xf, qweight, w_scale, act_quant: str):
     return op.Mul(op.Mul(op.Cast(acc, to=_FLOAT), sx), w_row)
 
 
-def _make_int8_linear_onnx(act_quant: str):
+def _make_int8_linear_onnx(act_quant: str, ops: str = "standard"):
     def int8_linear_onnx(x, qweight, w_scale, bias=None, act_bits: int = 8):
         """ONNX for ``colafx::int8_linear`` (see module docstring)."""
         n, k = qweight.shape
         groups = w_scale.shape[1]
         xf = op.Cast(x, to=_FLOAT)
+        if ops == "contrib" and nbits_block_size(k, None if groups == 1 else k // groups) is not None:
+            codes = op.Cast(op.Add(op.Cast(qweight, to=_INT64), op.Constant(value_int=128)), to=_UINT8)
+            return _finish(_nbits(xf, codes, w_scale, n, k, 8, None if groups == 1 else k // groups, act_bits),
+                           x, bias)
         if act_bits == 8 and groups == 1:
             return _finish(_int8_w8a8(xf, qweight, w_scale, act_quant), x, bias)
         if act_bits == 8:
@@ -145,6 +160,18 @@ def _make_int8_linear_onnx(act_quant: str):
         return _finish(op.MatMul(xf, op.Transpose(w, perm=[1, 0])), x, bias)
 
     return int8_linear_onnx
+
+
+def _nbits(xf, codes, w_scale, n: int, k: int, bits: int, group_size, act_bits: int):
+    """com.microsoft::MatMulNBits on unsigned codes [N, K·bits/8] (zero point 2^(bits-1)) with
+    scales [N, G]; per-channel scales are repeated per block. ``act_bits=8``: accuracy_level 4."""
+    block = nbits_block_size(k, group_size)
+    blocks = k // block
+    packed = op.Reshape(codes, _const_ints([n, blocks, block * bits // 8]))
+    groups = w_scale.shape[1]
+    scales = w_scale if groups == blocks else op.Expand(w_scale, _const_ints([n, blocks]))
+    return _matmul_nbits(xf, packed, op.Reshape(scales, _const_ints([-1])), K=k, N=n, bits=bits,
+                         block_size=block, accuracy_level=4 if act_bits == 8 else 0)
 
 
 int8_linear_onnx = _make_int8_linear_onnx("per_token")
@@ -180,41 +207,52 @@ def _uint8_tensor(value: int):
     return onnx.helper.make_tensor("c", onnx.TensorProto.UINT8, [], [value])
 
 
-def int4_linear_onnx(x, qweight, w_scale, bias=None, group_size=None, act_bits: int = 8):
-    """ONNX for ``colafx::int4_linear``: MatMulNBits, or an in-graph dequantization fallback."""
-    n, half_k = qweight.shape
-    k, groups = 2 * half_k, w_scale.shape[1]
-    xf = op.Cast(x, to=_FLOAT)
-    block = nbits_block_size(k, group_size)
-    if block is None:
+def _make_int4_linear_onnx(ops: str = "contrib"):
+    def int4_linear_onnx(x, qweight, w_scale, bias=None, group_size=None, act_bits: int = 8):
+        """ONNX for ``colafx::int4_linear``: MatMulNBits, or an in-graph dequantization."""
+        n, half_k = qweight.shape
+        k, groups = 2 * half_k, w_scale.shape[1]
+        xf = op.Cast(x, to=_FLOAT)
+        if ops == "contrib" and nbits_block_size(k, group_size) is not None:
+            return _finish(_nbits(xf, qweight, w_scale, n, k, 4, group_size, act_bits), x, bias)
         if act_bits == 8:
             qx, sx = _per_token_int8(xf)
             xf = op.Mul(op.Cast(qx, to=_FLOAT), sx)
         w = _dequantized_weight(_unpacked_int4(qweight, n, k), w_scale, n, k, groups)
         return _finish(op.MatMul(xf, op.Transpose(w, perm=[1, 0])), x, bias)
-    blocks = k // block
-    packed = op.Reshape(qweight, _const_ints([n, blocks, block // 2]))
-    scales = w_scale if groups == blocks else op.Expand(w_scale, _const_ints([n, blocks]))
-    out = _matmul_nbits(xf, packed, op.Reshape(scales, _const_ints([-1])), K=k, N=n,
-                        block_size=block, accuracy_level=4 if act_bits == 8 else 0)
-    return _finish(out, x, bias)
+
+    return int4_linear_onnx
 
 
-def onnx_translation_table(act_quant: str = "per_token") -> dict:
+int4_linear_onnx = _make_int4_linear_onnx()
+
+
+ONNX_OPS = ("contrib", "standard")
+
+
+def onnx_translation_table(act_quant: str = "per_token", ops: str = "contrib") -> dict:
     """Return ``{torch.ops.colafx.<op>.default: translation}`` for ``torch.onnx.export(dynamo=True)``.
 
-    ``act_quant`` picks the W8A8 activation quantizer: "per_token" (exact op numerics) or
-    "dynamic" (``DynamicQuantizeLinear``, per tensor). Importing :mod:`colafx.kernels` registers
-    the ops. Raises ValueError for an unknown ``act_quant``.
+    ``ops``: "contrib" maps the quantized linears onto onnxruntime's fused ``com.microsoft``
+    ``MatMulNBits`` (int8 and int4; one node per linear) where the block rule allows; "standard"
+    uses only ai.onnx operators (int8: the op's exact per-token quantization + ``MatMulInteger``;
+    int4: the weight unpacked and dequantized in the graph). ``act_quant`` picks the standard W8A8
+    activation quantizer: "per_token" (exact op numerics) or "dynamic" (``DynamicQuantizeLinear``,
+    per tensor). Importing :mod:`colafx.kernels` registers the ops.
+
+    Raises:
+        ValueError: an unknown ``act_quant`` or ``ops``.
     """
     if act_quant not in ("per_token", "dynamic"):
         raise ValueError(f"act_quant must be 'per_token' or 'dynamic', got {act_quant!r}")
+    if ops not in ONNX_OPS:
+        raise ValueError(f"ops must be one of {', '.join(ONNX_OPS)}, got {ops!r}")
     from . import lowrank, qmatmul, quant  # noqa: F401  (registers the custom ops)
 
-    ops = torch.ops.colafx
+    table = torch.ops.colafx
     return {
-        ops.lowrank_act.default: lowrank_act_onnx,
-        ops.quantize_act_int8.default: quantize_act_int8_onnx,
-        ops.int8_linear.default: _make_int8_linear_onnx(act_quant),
-        ops.int4_linear.default: int4_linear_onnx,
+        table.lowrank_act.default: lowrank_act_onnx,
+        table.quantize_act_int8.default: quantize_act_int8_onnx,
+        table.int8_linear.default: _make_int8_linear_onnx(act_quant, ops),
+        table.int4_linear.default: _make_int4_linear_onnx(ops),
     }

@@ -1,12 +1,13 @@
 """ONNX export of LLaMA-family causal LMs (dense, CoLA, int8 / int4) and onnxruntime generation.
 
 ``export_onnx`` wraps the model in :class:`KVCacheLM`: one graph for prefill and decode whose inputs
-are ``input_ids`` [batch, seq] and, per layer, ``past_key_i`` / ``past_value_i`` [batch, kv_heads,
-past, head_dim] (``past`` = 0 for the prefill) and whose outputs are ``logits`` [batch, seq, vocab] and
-``present_key_i`` / ``present_value_i`` [batch, kv_heads, past + seq, head_dim]. The decoder layers
-are the model's own modules; only the cache is replaced by flat tensors, so CoLA modules and the
-quantized linears export as they run. colafx custom ops map to ONNX through
-``colafx.kernels.onnx.onnx_translation_table()`` (int8: MatMulInteger, int4: com.microsoft MatMulNBits).
+are ``input_ids`` [batch, seq], ``attention_mask`` [batch, past + seq] (1 = token, 0 = left padding)
+and, per layer, ``past_key_i`` / ``past_value_i`` [batch, kv_heads, past, head_dim] (``past`` = 0 for
+the prefill) and whose outputs are ``logits`` [batch, seq, vocab] and ``present_key_i`` /
+``present_value_i`` [batch, kv_heads, past + seq, head_dim]. The decoder layers are the model's own
+modules; only the cache is replaced by flat tensors, so CoLA modules and the quantized linears export
+as they run. colafx custom ops map to ONNX through ``colafx.kernels.onnx.onnx_translation_table()``
+(``onnx_ops="contrib"``: com.microsoft MatMulNBits for int8 and int4; ``"standard"``: ai.onnx only).
 
 Beside ``model.onnx`` the export writes ``model.json`` (the Hugging Face config and the graph's input
 / output layout) and, when a tokenizer is given, ``model-tokenizer/``. :class:`OnnxCausalLM` reads them.
@@ -34,6 +35,7 @@ from colafx.files import atomic_write_json
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 QUANT_OPS = {"int8": "colafx::int8_linear", "int4": "colafx::int4_linear"}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+ONNX_OPS = ("contrib", "standard")  # as colafx.kernels.onnx.ONNX_OPS (onnxscript is imported on export only)
 META_FORMAT = "colafx-onnx"
 _EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf caps a single file at 2 GB
 
@@ -54,31 +56,36 @@ class _FlatCache:
 
 
 class KVCacheLM(nn.Module):
-    """``(input_ids, past_key_0, past_value_0, ...) -> (logits, present_key_0, present_value_0, ...)``
-    around a Hugging Face LLaMA-family causal LM; without past tensors it returns the logits only.
+    """``(input_ids, attention_mask, past_key_0, past_value_0, ...) -> (logits, present_key_0,
+    present_value_0, ...)`` around a Hugging Face LLaMA-family causal LM; without past tensors it
+    returns the logits only.
 
-    Positions continue from the past length; the additive mask is causal (and sliding-window when the
-    config has one). Sequences in a batch share one length (no padding).
+    ``attention_mask`` [batch, past + seq] (1 = token, 0 = padding) covers the cached and the new
+    tokens, so left-padded batches work: a token's position is the number of real tokens before it
+    (as Hugging Face ``generate`` counts), and padding is never attended to. The additive mask is
+    causal (and sliding-window when the config has one).
     """
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor, *past: torch.Tensor):
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *past: torch.Tensor):
         body = self.model.model
         hidden = body.embed_tokens(input_ids)
         seq = input_ids.shape[1]
         past_len = past[0].shape[2] if past else 0
-        positions = torch.arange(seq, device=input_ids.device) + past_len
+        keep = attention_mask.to(torch.bool)
+        position_ids = (torch.cumsum(keep.to(torch.long), dim=1) - 1).clamp(min=0)[:, past_len:]
+        queries = torch.arange(seq, device=input_ids.device) + past_len
         keys = torch.arange(past_len + seq, device=input_ids.device)
-        visible = keys[None, :] <= positions[:, None]
+        visible = keys[None, :] <= queries[:, None]
         window = getattr(self.model.config, "sliding_window", None)
         if window:
-            visible = visible & (positions[:, None] - keys[None, :] < window)
+            visible = visible & (queries[:, None] - keys[None, :] < window)
+        visible = visible[None, None] & keep[:, None, None, :]
         mask = torch.zeros(visible.shape, dtype=hidden.dtype, device=hidden.device)
-        mask = mask.masked_fill(~visible, torch.finfo(hidden.dtype).min)[None, None]
-        position_ids = positions[None, :].expand(input_ids.shape[0], seq)
+        mask = mask.masked_fill(~visible, torch.finfo(hidden.dtype).min)
         rotary = body.rotary_emb(hidden, position_ids)
         cache = _FlatCache(list(zip(past[0::2], past[1::2]))) if past else None
         for layer in body.layers[: self.model.config.num_hidden_layers]:
@@ -120,10 +127,10 @@ def kv_layout(config) -> dict:
 def io_names(num_layers: int, kv_cache: bool) -> tuple[list[str], list[str]]:
     """Input and output names of the exported graph."""
     if not kv_cache:
-        return ["input_ids"], ["logits"]
+        return ["input_ids", "attention_mask"], ["logits"]
     past = [f"past_{kind}_{i}" for i in range(num_layers) for kind in ("key", "value")]
     present = [f"present_{kind}_{i}" for i in range(num_layers) for kind in ("key", "value")]
-    return ["input_ids", *past], ["logits", *present]
+    return ["input_ids", "attention_mask", *past], ["logits", *present]
 
 
 def _quant_mode(exported: torch.export.ExportedProgram) -> str | None:
@@ -149,12 +156,12 @@ def _check_quant(requested: str | None, found: str | None) -> None:
                      f"pass quant={found!r}")
 
 
-def _translation_table() -> dict:
+def _translation_table(onnx_ops: str) -> dict:
     try:
         from colafx.kernels.onnx import onnx_translation_table
     except ImportError:
         return {}
-    return onnx_translation_table()
+    return onnx_translation_table(ops=onnx_ops)
 
 
 def _example_inputs(model: nn.Module, kv_cache: bool, dtype: torch.dtype):
@@ -162,16 +169,18 @@ def _example_inputs(model: nn.Module, kv_cache: bool, dtype: torch.dtype):
     device = next(model.parameters()).device
     batch, seq, past_len = torch.export.Dim("batch"), torch.export.Dim("seq"), torch.export.Dim("past")
     ids = torch.zeros(2, 3, dtype=torch.long, device=device)
+    total = torch.export.Dim.AUTO  # past + seq: a sum of two dims, which Dim cannot spell
     if not kv_cache:
-        return (ids,), ({0: batch, 1: seq},)
+        return (ids, torch.ones(2, 3, dtype=torch.long, device=device)), ({0: batch, 1: seq}, {0: batch, 1: seq})
     layout = kv_layout(model.config)
     shape = (2, layout["num_kv_heads"], 4, layout["head_dim"])
     past = tuple(torch.zeros(shape, dtype=dtype, device=device) for _ in range(2 * layout["num_layers"]))
-    return (ids, *past), ({0: batch, 1: seq}, tuple({0: batch, 2: past_len} for _ in past))
+    mask = torch.ones(2, 7, dtype=torch.long, device=device)
+    return (ids, mask, *past), ({0: batch, 1: seq}, {0: batch, 1: total}, tuple({0: batch, 2: past_len} for _ in past))
 
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, quant: str | None = None, kv_cache: bool = True,
-                dtype: str = "fp32", opset: int | None = None, tokenizer=None) -> Path:
+                dtype: str = "fp32", opset: int | None = None, tokenizer=None, onnx_ops: str = "contrib") -> Path:
     """Export a Hugging Face LLaMA-family causal LM (dense, colaified or quantized) to ONNX.
 
     ``quant``: None for a float model, ``"int8"`` / ``"int4"`` for a model prepared with
@@ -179,6 +188,10 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, quant: str | None = N
     ``kv_cache``: add past/present key-value tensors (one graph for prefill and decode).
     ``dtype``: ``"fp32"`` or ``"fp16"`` (the model is copied and cast; it is never modified).
     ``opset``: ONNX opset (default: the exporter's). ``tokenizer``: saved beside the file if given.
+    ``onnx_ops``: how quantized linears are written: "contrib" (default) = onnxruntime's fused
+    ``com.microsoft::MatMulNBits``, one node per linear (int8: bits 8; activations quantized per
+    block of K by onnxruntime when act_bits is 8); "standard" = ai.onnx operators only (int8: the
+    op's exact per-token quantization + ``MatMulInteger``; int4: dequantized in the graph).
     Writes ``path`` (atomically), ``<stem>.json`` and ``<stem>-tokenizer/``; checks the file with
     ``onnx.checker``.
 
@@ -186,8 +199,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, quant: str | None = N
         the path of the .onnx file.
 
     Raises:
-        ValueError: unsupported model, unknown ``dtype`` / ``quant``, or a ``quant`` that does not
-            match how the model was prepared.
+        ValueError: unsupported model, unknown ``dtype`` / ``quant`` / ``onnx_ops``, or a ``quant``
+            that does not match how the model was prepared.
     """
     import onnx
 
@@ -196,6 +209,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, quant: str | None = N
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if quant is not None and quant not in QUANT_OPS:
         raise ValueError(f"unknown quant {quant!r}; choose None, 'int8' or 'int4'")
+    if onnx_ops not in ONNX_OPS:
+        raise ValueError(f"unknown onnx_ops {onnx_ops!r}; choose one of {', '.join(ONNX_OPS)}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch_dtype = DTYPES[dtype]
@@ -210,10 +225,10 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, quant: str | None = N
     inputs, outputs = io_names(model.config.num_hidden_layers, kv_cache)
     with _quiet_exporter():
         program = torch.onnx.export(exported, input_names=inputs, output_names=outputs, opset_version=opset,
-                                    dynamo=True, custom_translation_table=_translation_table(), verbose=False)
+                                    dynamo=True, custom_translation_table=_translation_table(onnx_ops), verbose=False)
     _save_program(program, path)
     onnx.checker.check_model(str(path))
-    _write_meta(model, path, quant, kv_cache, dtype, inputs, outputs, tokenizer)
+    _write_meta(model, path, quant, kv_cache, dtype, inputs, outputs, tokenizer, onnx_ops)
     return path
 
 
@@ -253,11 +268,11 @@ def tokenizer_dir(path: str | os.PathLike) -> Path:
     return path.with_name(f"{path.stem}-tokenizer")
 
 
-def _write_meta(model, path: Path, quant, kv_cache, dtype, inputs, outputs, tokenizer) -> None:
+def _write_meta(model, path: Path, quant, kv_cache, dtype, inputs, outputs, tokenizer, onnx_ops) -> None:
     config = model.config
     generation = getattr(model, "generation_config", None)
     meta = {"format": META_FORMAT, "version": 1, "onnx_file": path.name, "quant": quant, "kv_cache": kv_cache,
-            "dtype": dtype, "inputs": inputs, "outputs": outputs, **kv_layout(config),
+            "dtype": dtype, "onnx_ops": onnx_ops, "inputs": inputs, "outputs": outputs, **kv_layout(config),
             "vocab_size": config.vocab_size,
             "eos_token_id": getattr(generation, "eos_token_id", None) or config.eos_token_id,
             "pad_token_id": getattr(generation, "pad_token_id", None) or getattr(config, "pad_token_id", None),
@@ -325,31 +340,49 @@ class OnnxCausalLM:
         shape = (batch_size, self.meta["num_kv_heads"], 0, self.meta["head_dim"])
         return [np.zeros(shape, dtype=self.float_dtype) for _ in range(2 * self.meta["num_layers"])]
 
-    def forward(self, input_ids, past: list[np.ndarray] | None = None):
+    def forward(self, input_ids, past: list[np.ndarray] | None = None, attention_mask=None):
         """Run the graph once: ``(logits, present)``; ``present`` is None for a graph without cache.
 
         ``input_ids``: int [batch, seq] (numpy or torch). ``past``: the previous call's ``present``
-        (default: an empty cache).
+        (default: an empty cache). ``attention_mask``: int [batch, past + seq], 1 = token, 0 = (left)
+        padding, covering the cached tokens too (default: all ones).
+
+        Raises:
+            ValueError: ``attention_mask`` of the wrong shape.
         """
         ids = np.ascontiguousarray(np.asarray(input_ids, dtype=np.int64))
+        past = (past if past is not None else self.empty_cache(ids.shape[0])) if self.kv_cache else []
+        total = ids.shape[1] + (past[0].shape[2] if past else 0)
         feeds = {"input_ids": ids}
-        if self.kv_cache:
-            past = past if past is not None else self.empty_cache(ids.shape[0])
-            feeds.update(zip(self.meta["inputs"][1:], past))
+        if "attention_mask" in self.meta["inputs"]:
+            mask = np.ones((ids.shape[0], total), np.int64) if attention_mask is None else \
+                np.ascontiguousarray(np.asarray(attention_mask, dtype=np.int64))
+            if mask.shape != (ids.shape[0], total):
+                raise ValueError(f"attention_mask must be [batch, past + seq] = {[ids.shape[0], total]}, "
+                                 f"got {list(mask.shape)}")
+            feeds["attention_mask"] = mask
+        elif attention_mask is not None and not np.asarray(attention_mask).all():
+            raise ValueError(f"{self.path} was exported without an attention_mask input: export it again "
+                             "to run padded batches")
+        feeds.update(zip(self.meta["inputs"][-len(past):] if past else [], past))
         outputs = self.session.run(None, feeds)
         return outputs[0], (outputs[1:] if self.kv_cache else None)
 
     def generate(self, input_ids, max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0,
-                 top_k: int | None = None, eos_token_id: int | list[int] | None = None, seed: int | None = None):
+                 top_k: int | None = None, eos_token_id: int | list[int] | None = None, seed: int | None = None,
+                 attention_mask=None):
         """Continue ``input_ids`` [batch, seq] by up to ``max_new_tokens`` tokens, like Hugging Face
         ``generate``: greedy by default, or sampling with ``temperature`` and ``top_k``; finished
         sequences (``eos_token_id``, default the model's) are padded until all are done.
+        ``attention_mask`` [batch, seq] (1 = token, 0 = padding) runs a left-padded batch of prompts
+        of different lengths (a tokenizer with ``padding_side="left"`` gives one).
 
         Returns:
             int64 [batch, seq + new] of the same kind as ``input_ids`` (torch tensor or numpy array).
 
         Raises:
-            ValueError: empty input, ``max_new_tokens`` < 0, or ``temperature`` ≤ 0 when sampling.
+            ValueError: empty input, ``max_new_tokens`` < 0, ``temperature`` ≤ 0 when sampling, or an
+                ``attention_mask`` that is not [batch, seq] left padding with a token in every row.
         """
         as_torch = isinstance(input_ids, torch.Tensor)
         ids = np.asarray(input_ids.cpu() if as_torch else input_ids, dtype=np.int64)
@@ -359,6 +392,7 @@ class OnnxCausalLM:
             raise ValueError(f"max_new_tokens must be ≥ 0, got {max_new_tokens}")
         if do_sample and temperature <= 0:
             raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+        mask = _left_padding_mask(attention_mask, ids.shape)
         eos = self.meta.get("eos_token_id") if eos_token_id is None else eos_token_id
         eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         pad = self.meta.get("pad_token_id")
@@ -367,10 +401,11 @@ class OnnxCausalLM:
         running = np.ones(ids.shape[0], dtype=bool)
         past, step_input = None, ids
         for _ in range(max_new_tokens):
-            logits, past = self.forward(step_input, past)
+            logits, past = self.forward(step_input, past, attention_mask=mask)
             token = self._next_token(logits[:, -1, :].astype(np.float32), do_sample, temperature, top_k, rng)
             token = np.where(running, token, pad)
             ids = np.concatenate([ids, token[:, None]], axis=1)
+            mask = np.concatenate([mask, np.ones((ids.shape[0], 1), np.int64)], axis=1)
             running &= ~np.isin(token, eos)
             if not running.any():
                 break
@@ -390,6 +425,20 @@ class OnnxCausalLM:
         return np.array([rng.choice(len(p), p=p) for p in probs], dtype=np.int64)
 
 
+def _left_padding_mask(attention_mask, shape: tuple[int, int]) -> np.ndarray:
+    """``attention_mask`` as int64 [batch, seq] (all ones when None), checked to be left padding."""
+    if attention_mask is None:
+        return np.ones(shape, np.int64)
+    mask = np.asarray(attention_mask.cpu() if isinstance(attention_mask, torch.Tensor) else attention_mask)
+    if mask.shape != tuple(shape):
+        raise ValueError(f"attention_mask must have input_ids' shape {list(shape)}, got {list(mask.shape)}")
+    mask = (mask != 0).astype(np.int64)
+    if not mask[:, -1].all() or (np.diff(mask, axis=1) < 0).any():
+        raise ValueError("attention_mask must be left padding (0s then 1s, the last column all 1s); use a "
+                         "tokenizer with padding_side='left'")
+    return mask
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``colafx export``."""
     parser.add_argument("--model", required=True,
@@ -406,6 +455,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-kv-cache", action="store_true", help="export a graph without past/present "
                                                                    "key-value tensors")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="float type of the exported graph")
+    parser.add_argument("--onnx-ops", choices=ONNX_OPS, default="contrib",
+                        help="how --quant linears are written: contrib = onnxruntime's fused com.microsoft "
+                             "MatMulNBits, one node per linear (faster decode; onnxruntime quantizes "
+                             "activations per block of K); standard = ai.onnx operators only (int8: exact "
+                             "per-token quantization + MatMulInteger; int4: dequantized in the graph, no "
+                             "size saving), for runtimes other than onnxruntime")
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset version (default: the exporter's)")
     parser.add_argument("--device", default="auto",
                         help=f"where the model is loaded, quantized and traced: {DEVICE_HELP}; the .onnx file is "
@@ -432,7 +487,7 @@ def run_cli(args: argparse.Namespace) -> int:
     if args.quant and not _is_quantized(model):
         quantize_for_export(model, args.quant, head=args.quant_head)
     path = export_onnx(model, args.out, quant=args.quant, kv_cache=not args.no_kv_cache, dtype=args.dtype,
-                       opset=args.opset, tokenizer=tokenizer)
+                       opset=args.opset, tokenizer=tokenizer, onnx_ops=args.onnx_ops)
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
     return 0
 

@@ -2,8 +2,8 @@
 
 Parity (max|Δ| / max|torch|): 1e-5 where the graph reproduces the op's arithmetic (lowrank_act,
 per-token W8A8 through MatMulInteger, W·A16 through MatMulNBits or in-graph dequantization);
-3e-2 for W4A8 through MatMulNBits, whose accuracy_level=4 quantizes activations per block of
-K (16..128) instead of per token (measured ≈ 5e-3).
+3e-2 for W8A8 / W4A8 through MatMulNBits, whose accuracy_level=4 quantizes activations per block
+of K (16..128) instead of per token (measured ≈ 5e-3).
 """
 import contextlib
 import io
@@ -55,20 +55,23 @@ def _run_onnx(module, x, tmp_path, **table_kwargs):
 
 
 @pytest.mark.parametrize(
-    "k, bits, group_size, act_bits, expect_op, tol",
+    "k, bits, group_size, act_bits, onnx_ops, expect_op, tol",
     [
-        (64, 8, None, 8, "MatMulInteger", 1e-5),
-        (64, 4, 32, 16, "MatMulNBits", 1e-5),
-        (64, 4, 32, 8, "MatMulNBits", 3e-2),
-        (48, 4, None, 8, "MatMulNBits", 3e-2),  # per channel: block 16, scale repeated
-        (66, 4, None, 16, "MatMul", 1e-5),  # K has no power-of-two block: in-graph dequant
+        (64, 8, None, 8, "standard", "MatMulInteger", 1e-5),
+        (64, 8, None, 8, "contrib", "MatMulNBits", 3e-2),  # bits 8, per-block activations
+        (64, 8, 32, 16, "contrib", "MatMulNBits", 1e-5),  # W8A16 per group: exact dequant
+        (64, 4, 32, 16, "contrib", "MatMulNBits", 1e-5),
+        (64, 4, 32, 8, "contrib", "MatMulNBits", 3e-2),
+        (64, 4, 32, 8, "standard", "MatMul", 1e-5),  # unpacked in the graph, per-token A8 exact
+        (48, 4, None, 8, "contrib", "MatMulNBits", 3e-2),  # per channel: block 16, scale repeated
+        (66, 4, None, 16, "contrib", "MatMul", 1e-5),  # K has no power-of-two block: in-graph dequant
     ],
 )
-def test_export_runs_in_onnxruntime_with_parity(tmp_path, k, bits, group_size, act_bits, expect_op, tol):
+def test_export_runs_in_onnxruntime_with_parity(tmp_path, k, bits, group_size, act_bits, onnx_ops, expect_op, tol):
     module = Block(k, 24, bits, group_size, act_bits).eval()
-    ops, run = _run_onnx(module, torch.randn(2, 5, k), tmp_path)
+    ops, run = _run_onnx(module, torch.randn(2, 5, k), tmp_path, ops=onnx_ops)
     assert expect_op in ops and "Sigmoid" in ops
-    if expect_op == "MatMul":  # the fallback (its dequantization may be constant-folded)
+    if expect_op != "MatMulNBits":  # standard operators only (dequantization may be constant-folded)
         assert "MatMulNBits" not in ops
     for batch in (2, 3):  # dynamic batch
         x = torch.randn(batch, 5, k, generator=torch.Generator().manual_seed(batch))
@@ -78,7 +81,7 @@ def test_export_runs_in_onnxruntime_with_parity(tmp_path, k, bits, group_size, a
 
 def test_dynamic_activation_quantization_option(tmp_path):
     module = Block(64, 24, 8, None, 8).eval()
-    ops, run = _run_onnx(module, torch.randn(2, 5, 64), tmp_path, act_quant="dynamic")
+    ops, run = _run_onnx(module, torch.randn(2, 5, 64), tmp_path, act_quant="dynamic", ops="standard")
     assert "DynamicQuantizeLinear" in ops
     x = torch.randn(2, 5, 64)
     with torch.no_grad():
@@ -90,8 +93,10 @@ def test_table_and_block_size_rules():
     assert torch.ops.colafx.lowrank_act.default in table
     assert torch.ops.colafx.int8_linear.default in table
     assert torch.ops.colafx.int4_linear.default in table
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="act_quant"):
         onnx_translation_table(act_quant="per_block")
+    with pytest.raises(ValueError, match="ops must be one of"):
+        onnx_translation_table(ops="fused")
     assert nbits_block_size(4096, None) == 128
     assert nbits_block_size(48, None) == 16
     assert nbits_block_size(66, None) is None

@@ -2,7 +2,10 @@
 
 Tolerances: fp32 graphs agree with PyTorch to 1e-4 (measured ~3e-7 on llama-tiny); fp16 graphs are
 compared with the fp32 model at 2e-2 (fp16 has 11 significant bits); quantized graphs against the
-PyTorch quantized model (see each test). Every export is slow (~10-25 s), so each one is shared.
+PyTorch quantized model (see each test): the standard-opset int8 graph reproduces the op's integers
+(1e-3), the default com.microsoft MatMulNBits int8 graph quantizes activations per block of K
+instead of per token (3e-2 of the largest |logit|; measured 1.1e-2 on llama-tiny). Every export
+is slow (~10-25 s), so each one is shared.
 """
 import json
 
@@ -41,15 +44,26 @@ def cola_export(tmp_path_factory):
     return colafx.load(folder / "ckpt").eval(), folder / "model.onnx"
 
 
-@pytest.fixture(scope="module")
-def int8_export(tmp_path_factory):
-    """A dense llama-tiny checkpoint exported by ``colafx export --quant int8`` (quantized by the CLI)."""
-    folder = tmp_path_factory.mktemp("int8")
+def _cli_int8_export(folder, *flags):
+    """A dense llama-tiny checkpoint exported by ``colafx export --quant int8 [flags]`` (quantized by
+    the CLI), with the PyTorch model quantized the same way."""
     colafx.save(presets.build("llama-tiny", seed=0), folder / "ckpt")
     assert main(["export", "--model", str(folder / "ckpt"), "--out", str(folder / "model.onnx"),
-                 "--quant", "int8"]) == 0
+                 "--quant", "int8", *flags]) == 0
     reference = quantize_for_export(colafx.load(folder / "ckpt"), "int8").eval()
     return reference, folder / "model.onnx"
+
+
+@pytest.fixture(scope="module")
+def int8_export(tmp_path_factory):
+    """``colafx export --quant int8 --onnx-ops standard``: ai.onnx operators only."""
+    return _cli_int8_export(tmp_path_factory.mktemp("int8"), "--onnx-ops", "standard")
+
+
+@pytest.fixture(scope="module")
+def int8_contrib_export(tmp_path_factory):
+    """``colafx export --quant int8``: the default, com.microsoft MatMulNBits."""
+    return _cli_int8_export(tmp_path_factory.mktemp("int8-contrib"))
 
 
 def test_cli_export_is_a_checked_onnx_file_with_dynamic_axes_and_metadata(cola_export):
@@ -57,10 +71,12 @@ def test_cli_export_is_a_checked_onnx_file_with_dynamic_axes_and_metadata(cola_e
     onnx.checker.check_model(str(path))
     graph = onnx.load(str(path)).graph
     names = [i.name for i in graph.input]
-    assert names[:3] == ["input_ids", "past_key_0", "past_value_0"] and len(names) == 1 + 2 * 2
+    assert names[:4] == ["input_ids", "attention_mask", "past_key_0", "past_value_0"] and len(names) == 2 + 2 * 2
     ids_dims = graph.input[0].type.tensor_type.shape.dim
-    past_dims = graph.input[1].type.tensor_type.shape.dim
+    mask_dims = graph.input[1].type.tensor_type.shape.dim
+    past_dims = graph.input[2].type.tensor_type.shape.dim
     assert all(d.dim_param for d in ids_dims)  # batch and sequence are dynamic
+    assert all(d.dim_param for d in mask_dims)  # batch and past + sequence
     assert past_dims[0].dim_param and past_dims[2].dim_param and past_dims[1].dim_value == 2
     meta = json.loads(path.with_suffix(".json").read_text())
     assert meta["kv_cache"] and meta["quant"] is None and meta["hf_config"]["model_type"] == "llama"
@@ -111,7 +127,7 @@ def test_fused_cola_fp16_export_without_cache(tmp_path):
             m.fused = True  # the bottleneck runs as colafx::lowrank_act -> MatMul + Sigmoid
     path = export_onnx(model, tmp_path / "m.onnx", kv_cache=False, dtype="fp16")
     assert next(model.parameters()).dtype == torch.float32  # the caller's model is not cast
-    assert [i.name for i in onnx.load(str(path)).graph.input] == ["input_ids"]
+    assert [i.name for i in onnx.load(str(path)).graph.input] == ["input_ids", "attention_mask"]
     lm = OnnxCausalLM(path)
     ids = _ids((2, 7))
     logits, present = lm.forward(ids)
@@ -120,7 +136,39 @@ def test_fused_cola_fp16_export_without_cache(tmp_path):
     assert lm.generate(ids, 3).shape == (2, 10)  # without a cache every step re-runs the prefix
 
 
-def test_int8_export_uses_matmulinteger_and_matches_pytorch_int8(int8_export):
+def test_left_padded_batch_generates_what_each_prompt_generates_alone(cola_export):
+    model, path = cola_export
+    lm = OnnxCausalLM(path)
+    long, short = _ids((1, 7), seed=2), _ids((1, 3), seed=3)
+    ids = torch.cat([long, torch.cat([torch.zeros(1, 4, dtype=torch.long), short], dim=1)])
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # left padding: the short prompt ends where the long one does
+    batch = lm.generate(ids, max_new_tokens=10, attention_mask=mask, eos_token_id=[])
+    assert torch.equal(batch[0], lm.generate(long, max_new_tokens=10, eos_token_id=[])[0])
+    assert torch.equal(batch[1, 4:], lm.generate(short, max_new_tokens=10, eos_token_id=[])[0])
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
+    assert torch.equal(batch, expected)  # and Hugging Face generate on the same padded batch agrees
+    with pytest.raises(ValueError, match="left padding"):
+        lm.generate(ids, 2, attention_mask=mask.flip(1))
+    with pytest.raises(ValueError, match="attention_mask must have input_ids' shape"):
+        lm.generate(ids, 2, attention_mask=mask[:, 1:])
+
+
+def test_int8_default_export_is_one_matmulnbits_per_linear_close_to_pytorch_int8(int8_contrib_export):
+    model, path = int8_contrib_export
+    nodes = onnx.load(str(path)).graph.node
+    assert sum(n.op_type == "MatMulNBits" and n.domain == "com.microsoft" for n in nodes) \
+        == len(quantized_modules(model)) == 14
+    assert not any(n.op_type == "MatMulInteger" for n in nodes)
+    assert json.loads(path.with_suffix(".json").read_text())["onnx_ops"] == "contrib"
+    ids = _ids((2, 9))
+    got, expected = OnnxCausalLM(path).forward(ids)[0], _logits(model, ids)
+    # onnxruntime quantizes activations per block of K (accuracy_level 4), the op per token
+    assert np.abs(got - expected).max() <= 3e-2 * np.abs(expected).max()
+    assert (got.argmax(-1) == expected.argmax(-1)).mean() >= 0.9
+
+
+def test_int8_standard_export_uses_matmulinteger_and_matches_pytorch_int8(int8_export):
     model, path = int8_export
     ops = _op_types(path)
     assert ("ai.onnx", "MatMulInteger") in ops
@@ -154,7 +202,7 @@ def test_int8_export_with_quantized_head_untied_from_a_tied_embedding(int8_expor
     assert isinstance(model.lm_head, QuantLinear) and not model.config.tie_word_embeddings
     assert model.model.embed_tokens.weight.dtype == torch.float32
     colafx.save(model, tmp_path / "ckpt")
-    path = export_onnx(colafx.load(tmp_path / "ckpt"), tmp_path / "m.onnx", quant="int8")
+    path = export_onnx(colafx.load(tmp_path / "ckpt"), tmp_path / "m.onnx", quant="int8", onnx_ops="standard")
 
     def matmul_integers(p):
         return sum(n.op_type == "MatMulInteger" for n in onnx.load(str(p)).graph.node)
@@ -198,6 +246,8 @@ def test_quant_mode_must_match_how_the_model_was_prepared(int8_export, tiny_mode
         export_onnx(tiny_model, tmp_path / "c.onnx", quant="int3")
     with pytest.raises(ValueError, match="unknown dtype"):
         export_onnx(tiny_model, tmp_path / "d.onnx", dtype="bf16")
+    with pytest.raises(ValueError, match="unknown onnx_ops"):
+        export_onnx(tiny_model, tmp_path / "e.onnx", onnx_ops="fused")
     assert not list(tmp_path.iterdir())  # nothing written on error
 
 
