@@ -12,8 +12,8 @@ Conventions shared by every kernel in :mod:`colafx.kernels`
 * **Random streams are counter based and deterministic for (seed, shape).** Triton kernels (CUDA,
   or CPU tensors under ``TRITON_INTERPRET=1``) draw Philox numbers ``tl.rand(seed, i)`` /
   ``tl.randn(seed, i)`` indexed by the flat (row-major) element index ``i``. The CPU fast path
-  draws from ``torch.Generator`` streams, one generator per chunk of :data:`CPU_CHUNK` elements
-  seeded with ``derive_seed(seed, chunk)``. The two streams differ from each other; each is
+  draws numpy's counter-based Philox (16 raw bits per element ``i``, see :func:`cpu_range`);
+  kernels work through it :data:`CPU_CHUNK` elements at a time. The two streams differ; each is
   reproducible. :func:`uniform_noise` / :func:`triton_uniform_noise` return them so that the
   pure-PyTorch references can be fed the exact numbers a kernel used.
 * **int4 packing.** Values in [-8, 7] are stored as ``q + 8`` nibbles, two per ``uint8``, the low
@@ -44,6 +44,7 @@ __all__ = [
     "uniform_noise",
     "triton_uniform_noise",
     "cpu_noise",
+    "cpu_range",
     "philox_noise",
     "derive_seed",
     "QMAX",
@@ -56,7 +57,7 @@ SCALE_FLOOR = 1e-12
 """``absmax`` is clamped to at least this before dividing by ``qmax`` (all-zero rows -> q = 0)."""
 
 CPU_CHUNK = 1 << 20
-"""Elements per independently seeded CPU generator chunk (bounds the memory of one draw)."""
+"""Elements the CPU kernels draw and update at a time (bounds the memory of one draw)."""
 
 ROUNDINGS = ("nearest", "stochastic")
 
@@ -138,22 +139,39 @@ def check_float(t: torch.Tensor, name: str) -> None:
         raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
 
 
-def cpu_stream(kind: str, seed: int, numel: int, start_chunk: int = 0):
-    """Yield ``(start, chunk)`` pieces of the CPU random stream for ``seed`` (fp32 tensors).
+_NORMAL_TABLE = None  # np.float32 [65536]: the N(0,1) quantiles at (j + 1/2) / 65536
 
-    ``kind`` is "uniform" (U[0,1)) or "normal" (N(0,1)). Chunk ``c`` (of :data:`CPU_CHUNK`
-    elements) comes from a ``torch.Generator`` seeded with ``derive_seed(seed, c)``, so any
-    element range can be regenerated without the others. Raises ValueError for a bad ``kind``.
+
+def _normal_table():
+    """The 65536 equiprobable quantiles of N(0, 1) (inverse CDF at (j + 1/2) / 2¹⁶), fp32."""
+    global _NORMAL_TABLE
+    if _NORMAL_TABLE is None:
+        levels = (torch.arange(1 << 16, dtype=torch.float64) + 0.5) / (1 << 16)
+        _NORMAL_TABLE = torch.special.ndtri(levels).float().numpy()
+    return _NORMAL_TABLE
+
+
+def cpu_range(kind: str, seed: int, lo: int, hi: int) -> torch.Tensor:
+    """Elements ``[lo, hi)`` of the CPU random stream for ``seed``, as a 1-D fp32 tensor.
+
+    Counter based: element ``i`` comes from the 16 bits ``i`` of numpy's Philox4x64 stream keyed
+    by ``(seed, kind)``, which starts at any block without generating the ones before it, so any
+    range is regenerated alone. ``kind`` "normal" maps the bits through the table of N(0,1)'s 2¹⁶
+    equiprobable quantiles (|u| <= 4.4, mean 0, variance 1 - 3e-9); "uniform" is bits·2⁻¹⁶, on
+    [0, 1) (stochastic rounding with it is unbiased up to 2⁻¹⁷ of a step). Bulk raw bits plus one
+    look-up / multiply: ~3x faster than ``torch.randn``. Raises ValueError for a bad ``kind``.
     """
+    import numpy as np
+
     if kind not in ("uniform", "normal"):
         raise ValueError(f"kind must be 'uniform' or 'normal', got {kind!r}")
-    draw = torch.rand if kind == "uniform" else torch.randn
-    gen = torch.Generator(device="cpu")
-    n_chunks = triton.cdiv(numel, CPU_CHUNK)
-    for c in range(start_chunk, n_chunks):
-        start = c * CPU_CHUNK
-        gen.manual_seed(derive_seed(seed, c))
-        yield start, draw(min(CPU_CHUNK, numel - start), generator=gen, dtype=torch.float32)
+    first = lo // 16  # a Philox block is 4 x 64 bits = 16 numbers
+    bits = np.random.Philox(key=seed | int(kind == "normal") << 64, counter=first)
+    skip, n = lo - 16 * first, max(0, hi - lo)
+    raw = bits.random_raw(4 * -(-(skip + n) // 16)).view(np.uint16)[skip:skip + n]
+    if kind == "normal":
+        return torch.from_numpy(np.take(_normal_table(), raw))
+    return torch.from_numpy(np.multiply(raw, np.float32(2.0**-16), dtype=np.float32))
 
 
 def cpu_noise(kind: str, seed: int, numel: int) -> torch.Tensor:
@@ -162,8 +180,7 @@ def cpu_noise(kind: str, seed: int, numel: int) -> torch.Tensor:
     Raises TypeError / ValueError for a bad seed or kind.
     """
     check_seed(seed)
-    parts = [chunk for _, chunk in cpu_stream(kind, seed, numel)]
-    return torch.cat(parts) if parts else torch.empty(0)
+    return cpu_range(kind, seed, 0, numel)
 
 
 def uniform_noise(seed: int, numel: int) -> torch.Tensor:

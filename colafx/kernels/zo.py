@@ -31,7 +31,8 @@ weight saturates at the storage limit instead of wrapping around, and may not re
 Clamping ``d`` to ±H biases the perturbation only where ``|ε·u/s| > H`` (rare for ε ~ 1e-3).
 
 Random streams: Triton kernels use Philox ``tl.randn(seed, i)`` / ``tl.rand(seed', i)``; the CPU
-path uses :func:`colafx.kernels.quant.cpu_stream` chunks. They differ, each is deterministic.
+path uses :func:`colafx.kernels.quant.cpu_range` (numpy Philox; u on N(0,1)'s 2¹⁶ quantiles).
+They differ, each is deterministic.
 """
 
 from __future__ import annotations
@@ -49,8 +50,9 @@ from .quant import (
     check_float,
     check_seed,
     cpu_noise,
-    cpu_stream,
+    cpu_range,
     derive_seed,
+    pack_int4,
     philox_noise,
     unpack_int4,
     use_triton,
@@ -310,12 +312,48 @@ def _launch_int(qweight, w_scale, bits, seed, rseed, a, b, sign, low, high, upda
 
 
 def _cpu_float(weight, seed, scale, decay):
-    """w ← w − decay·w + scale·u on the CPU, chunk by chunk (fp32 math)."""
+    """w ← w − decay·w + scale·u on the CPU, chunk by chunk, in place (fp32 math, bit-identical to
+    :func:`zo_perturb_ref` / :func:`zo_update_ref`: the same IEEE operations in the same order)."""
     flat = weight.view(-1)
-    for start, u in cpu_stream("normal", seed, flat.numel()):
-        part = flat[start:start + u.numel()]
-        w = part.float()
-        part.copy_(w - decay * w + scale * u)
+    for start in range(0, flat.numel(), CPU_CHUNK):
+        part = flat[start:start + CPU_CHUNK]
+        u = cpu_range("normal", seed, start, start + part.numel())
+        w = part if part.dtype == torch.float32 else part.float()
+        if decay:
+            w.sub_(w * decay)
+        w.add_(u.mul_(scale))
+        if w is not part:
+            part.copy_(w)
+
+
+def _perturb_rows(block, scales, u, noise, eps, sign, bits):
+    """Rows of ``zo_perturb_int_ref`` with in-place fp32 temporaries (bit-identical to it)."""
+    q = _int_values(block, bits)
+    r, k = q.shape
+    g = scales.shape[1]
+    v = u.view(r, g, k // g).mul_(eps).div_(scales.view(r, g, 1))
+    d = v.add_(noise.view(r, g, k // g)).floor_().clamp_(-HEADROOM[bits], HEADROOM[bits]).view(r, k)
+    if sign != 1:
+        d.mul_(sign)
+    return _store_rows(d.add_(q), bits, -QMAX[bits] - 1, QMAX[bits])
+
+
+def _update_rows(block, scales, u, noise, lr, grad_scalar, weight_decay, bits):
+    """Rows of ``zo_update_int_ref`` with in-place fp32 temporaries (bit-identical to it)."""
+    q = _int_values(block, bits)
+    r, k = q.shape
+    g = scales.shape[1]
+    v = u.view(r, g, k // g).mul_(grad_scalar).div_(scales.view(r, g, 1)).view(r, k)
+    if weight_decay:
+        v.add_(q.float().mul_(weight_decay))
+    delta = v.mul_(lr).add_(noise.view(r, k)).floor_()
+    return _store_rows(delta.neg_().add_(q), bits, -ZO_QMAX[bits], ZO_QMAX[bits])
+
+
+def _store_rows(values: torch.Tensor, bits: int, low: int, high: int) -> torch.Tensor:
+    """Clamp float integer values [r, K] to [low, high] (in place) and store as int8 or packed int4."""
+    q = values.clamp_(low, high).to(torch.int8)
+    return q if bits == 8 else pack_int4(q)
 
 
 def _cpu_int(qweight, w_scale, bits, seed, rseed, fn):
@@ -325,32 +363,11 @@ def _cpu_int(qweight, w_scale, bits, seed, rseed, fn):
     if n == 0 or k == 0:
         return
     rows = max(1, CPU_CHUNK // k)
-    normals = _Stream("normal", seed, n * k)
-    uniforms = _Stream("uniform", rseed, n * k)
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         lo, hi = r0 * k, r1 * k
         block = qweight[r0:r1]
-        block.copy_(fn(block, w_scale[r0:r1], normals.take(lo, hi), uniforms.take(lo, hi)))
-
-
-class _Stream:
-    """Sequential reader of a chunked CPU stream of ``numel`` elements: ``take(lo, hi)``, lo rising."""
-
-    def __init__(self, kind: str, seed: int, numel: int):
-        self.chunks = cpu_stream(kind, seed, numel)
-        self.start, self.buffer = 0, torch.empty(0)
-
-    def take(self, lo: int, hi: int) -> torch.Tensor:
-        """Return elements [lo, hi) (callers read consecutive, non-overlapping ranges)."""
-        parts = []
-        while lo < hi:
-            if lo >= self.start + self.buffer.numel():
-                self.start, self.buffer = next(self.chunks)
-            end = min(hi, self.start + self.buffer.numel())
-            parts.append(self.buffer[lo - self.start:end - self.start])
-            lo = end
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+        block.copy_(fn(block, w_scale[r0:r1], cpu_range("normal", seed, lo, hi), cpu_range("uniform", rseed, lo, hi)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -384,7 +401,7 @@ def _zo_perturb_int_op(qweight: torch.Tensor, w_scale: torch.Tensor, seed: int, 
         return
 
     def step(block, scales, u, noise):
-        return zo_perturb_int_ref(block, scales, u, noise, eps, sign, bits)
+        return _perturb_rows(block, scales, u, noise, eps, sign, bits)
 
     _cpu_int(qweight, w_scale, bits, seed, rounding_seed, step)
 
@@ -399,7 +416,7 @@ def _zo_update_int_op(qweight: torch.Tensor, w_scale: torch.Tensor, seed: int, l
         return
 
     def step(block, scales, u, noise):
-        return zo_update_int_ref(block, scales, u, noise, lr, grad_scalar, weight_decay, bits)
+        return _update_rows(block, scales, u, noise, lr, grad_scalar, weight_decay, bits)
 
     _cpu_int(qweight, w_scale, bits, seed, rounding_seed, step)
 

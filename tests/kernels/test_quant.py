@@ -246,3 +246,13 @@ def test_quantize_tokens_is_bit_identical_to_quantize_ref_including_ties_and_zer
     q_ref, scale_ref = quantize_ref(x, qmax)
     assert torch.equal(q, q_ref) and torch.equal(scale, scale_ref)
     assert q[1, :4].tolist() == [qmax, 1, 0, 3]  # ties round up
+
+
+@pytest.mark.parametrize("kind", ["normal", "uniform"])
+def test_cpu_stream_is_counter_based_any_range_equals_the_slice_of_the_whole(kind):
+    whole = quant.cpu_noise(kind, 12, 1000)
+    for lo, hi in [(0, 1), (5, 37), (16, 32), (333, 1000), (999, 1000)]:
+        assert torch.equal(quant.cpu_range(kind, 12, lo, hi), whole[lo:hi])
+    assert not torch.equal(quant.cpu_noise(kind, 13, 1000), whole)
+    if kind == "uniform":  # the 2^16-point grid on [0, 1)
+        assert whole.min() >= 0 and whole.max() < 1 and torch.equal(whole * 2**16, (whole * 2**16).floor())
