@@ -370,8 +370,26 @@ def _has_int8_dot_instructions() -> bool:
     return any(getattr(cpu, name, lambda: False)() for name in probes)
 
 
-_PACKED = None  # WeakTensorKeyDictionary: weight tensor -> (version, shape, oneDNN packed weight or None)
-_MUTABLE = (None, None, None)  # cache entry of a weight seen changing in place: never packed to keep
+_PACKED: dict = {}  # id(weight) -> (weakref to it, version, shape, oneDNN packed weight or None, zeros)
+_MUTABLE = (None, None, None)  # (version, shape, packed) of a weight seen changing in place: never kept packed
+
+
+def _cache_entry(weight: torch.Tensor):
+    """``(version, shape, packed)`` cached for ``weight``, or None (a dict keyed by id plus a weak
+    reference: ~10x cheaper per call than ``WeakTensorKeyDictionary``)."""
+    hit = _PACKED.get(id(weight))
+    return hit[1:4] if hit is not None and hit[0]() is weight else None
+
+
+def _cache_put(weight: torch.Tensor, entry: tuple) -> None:
+    """Store ``(version, shape, packed)`` for ``weight``; dropped when the weight is freed."""
+    import weakref
+
+    key = id(weight)
+    old = _PACKED.get(key)
+    ref = old[0] if old is not None and old[0]() is weight else weakref.ref(weight, lambda _, k=key: _PACKED.pop(k, None))
+    zeros = None if entry[2] is None else torch.zeros(entry[1][0], dtype=torch.int64)
+    _PACKED[key] = (ref, *entry, zeros)
 
 
 def _tensor_version(t: torch.Tensor) -> Optional[int]:
@@ -382,9 +400,10 @@ def _tensor_version(t: torch.Tensor) -> Optional[int]:
         return None
 
 
-def _onednn_weight(codes, shape: torch.Size, cache_key: Optional[torch.Tensor], lazy: bool) -> Optional[torch.Tensor]:
-    """oneDNN-prepacked int8 weight ``codes()`` ([N, K] = ``shape``), cached per ``cache_key``
-    tensor and its version (``codes`` is a callable so that a cached int4 weight is not unpacked).
+def _onednn_weight(codes, shape: torch.Size, cache_key: Optional[torch.Tensor], lazy: bool):
+    """``(packed, zeros)``: the oneDNN-prepacked int8 weight ``codes()`` ([N, K] = ``shape``) or
+    None, and its cached zero points (or None), cached per ``cache_key`` tensor and its version
+    (``codes`` is a callable so that a cached int4 weight is not unpacked).
 
     A weight found changed in place since it was seen (QuZO perturbs its weights before every
     forward) is not cached again: a kept packed copy would never be reused and would double the
@@ -392,30 +411,27 @@ def _onednn_weight(codes, shape: torch.Size, cache_key: Optional[torch.Tensor], 
     packing on a weight's first use and for weights that change, so the caller runs ``_int_mm``;
     only a weight used twice unchanged is packed (packing costs ~10-100 GEMV calls).
     """
-    global _PACKED
-    if _PACKED is None:
-        from torch.utils.weak import WeakTensorKeyDictionary
-
-        _PACKED = WeakTensorKeyDictionary()
     version = None if cache_key is None else _tensor_version(cache_key)
     if version is None:
-        return None if lazy else torch.ops.onednn.qlinear_prepack(codes(), None)
-    hit = _PACKED.get(cache_key)
+        return None if lazy else torch.ops.onednn.qlinear_prepack(codes(), None), None
+    hit = _cache_entry(cache_key)
     if hit is not None and hit[0] == version and hit[1] == shape:
         if hit[2] is None and lazy:  # second use, unchanged: pack and keep
-            _PACKED[cache_key] = (version, shape, torch.ops.onednn.qlinear_prepack(codes(), None))
-        return _PACKED[cache_key][2]
+            _cache_put(cache_key, (version, shape, torch.ops.onednn.qlinear_prepack(codes(), None)))
+        entry = _PACKED[id(cache_key)]
+        return entry[3], entry[4]
     if hit is not None:  # changed in place (or a stale entry of another shape): never keep a copy
-        _PACKED[cache_key] = _MUTABLE
-        return None if lazy else torch.ops.onednn.qlinear_prepack(codes(), None)
+        _cache_put(cache_key, _MUTABLE)
+        return None if lazy else torch.ops.onednn.qlinear_prepack(codes(), None), None
     packed = None if lazy else torch.ops.onednn.qlinear_prepack(codes(), None)
-    _PACKED[cache_key] = (version, shape, packed)
-    return packed
+    _cache_put(cache_key, (version, shape, packed))
+    return packed, None
 
 
-def _onednn_linear(x: torch.Tensor, zero_point: int, packed: torch.Tensor, w_scale: torch.Tensor):
+def _onednn_linear(x: torch.Tensor, zero_point: int, packed: torch.Tensor, w_scale: torch.Tensor, zeros=None):
     """oneDNN ``x · Wᵀ · w_scale[n]`` as fp32 (x int8 with zero point 0, or uint8 with ``zero_point``)."""
-    zeros = torch.zeros(w_scale.numel(), dtype=torch.int64)
+    if zeros is None:
+        zeros = torch.zeros(w_scale.numel(), dtype=torch.int64)
     return torch.ops.onednn.qlinear_pointwise(
         x, 1.0, zero_point, packed, w_scale, zeros, None, 1.0, 0, torch.float32, "none", [], ""
     )
@@ -428,18 +444,18 @@ def _scaled_gemm(qx: torch.Tensor, codes, shape: torch.Size, w_scale: torch.Tens
     if name == "int_mm":
         return torch.mul(torch._int_mm(qx, codes().t()), w_scale)
     dot = _has_int8_dot_instructions()
-    packed = _onednn_weight(codes, shape, cache_key, lazy=dot)
+    packed, zeros = _onednn_weight(codes, shape, cache_key, lazy=dot)
     if packed is None:  # VNNI / AMX: torch._int_mm is exact and fast without packing
         return torch.mul(torch._int_mm(qx, codes().t()), w_scale)
     if name == "onednn_a7":  # u8 = q + 64 <= 127: AVX2's int16 pair sums of u8·s8 cannot saturate
-        return _onednn_linear(qx.add(64).view(torch.uint8), 64, packed, w_scale)
+        return _onednn_linear(qx.add(64).view(torch.uint8), 64, packed, w_scale, zeros)
     if dot:  # s8 activations: VNNI / AMX dot products accumulate in int32
-        return _onednn_linear(qx, 0, packed, w_scale)
+        return _onednn_linear(qx, 0, packed, w_scale, zeros)
     m = qx.shape[0]  # AVX2, exact: q = lo + hi with lo, hi in [-64, 64], one GEMM on [2M, K]
     wide = qx.to(torch.int16)
     low = torch.div(wide, 2, rounding_mode="floor")
     halves = torch.cat((low, wide - low)).add_(64).to(torch.uint8)
-    both = _onednn_linear(halves, 64, packed, w_scale)
+    both = _onednn_linear(halves, 64, packed, w_scale, zeros)
     return both[:m] + both[m:]
 
 

@@ -183,12 +183,12 @@ def test_onednn_cache_keeps_no_copy_of_weights_changed_in_place():
     changing.add_(1)
     got = int8_gemm_cpu(x, changing, backend="onednn", cache_key=changing)
     assert torch.equal(got.double(), (x.long() @ changing.long().T).double())
-    assert qmatmul._PACKED[const][2] is not None
-    assert qmatmul._PACKED[changing] == qmatmul._MUTABLE
+    assert qmatmul._cache_entry(const)[2] is not None
+    assert qmatmul._cache_entry(changing) == qmatmul._MUTABLE
     changing.add_(-1)
     got = int8_gemm_cpu(x, changing, backend="onednn", cache_key=changing)
     assert torch.equal(got.double(), (x.long() @ changing.long().T).double())
-    assert qmatmul._PACKED[changing] == qmatmul._MUTABLE
+    assert qmatmul._cache_entry(changing) == qmatmul._MUTABLE
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -288,3 +288,15 @@ def test_w4a16_with_16_bit_x_runs_atens_int4_kernel_and_follows_in_place_updates
     before, out = out, int4_linear(x, qw.qweight, qw.scale, None, group_size, act_bits=16)
     assert not torch.equal(before, out)
     assert rel_err(out, qlinear_ref(x, qw.qweight, qw.scale, None, 16, 4)) <= _tol(dtype)
+
+
+def test_packed_weight_cache_drops_the_entry_of_a_freed_weight():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(-127, 128, (3, 64), dtype=torch.int8, generator=gen)
+    w = torch.randint(-127, 128, (16, 64), dtype=torch.int8, generator=gen)
+    for _ in range(2):
+        int8_gemm_cpu(x, w, backend="onednn", cache_key=w)
+    key = id(w)
+    assert key in qmatmul._PACKED
+    del w
+    assert key not in qmatmul._PACKED
