@@ -127,7 +127,11 @@ def main(argv=None) -> int:
         tvs = f"{r['step_s'] / ref['mezo-fp32']['step_s']:.2f}x" if "mezo-fp32" in ref else "-"
         lines.append(f"| {name} | {r['resident_mb']:.0f} | {r['step_peak_mb']:.0f} | {r['peak_mb']:.0f} | "
                      f"{vs[0]} | {vs[1]} | {r['step_s']:.2f} | {tvs} |")
-    print(f"{args.model}, batch {args.batch_size} SST-2 prompts, {torch.get_num_threads()} threads\n")
+    from colafx.kernels.qmatmul import cpu_int8_backend
+    from colafx.runtime.device import cpu_features
+
+    print(f"{args.model}, batch {args.batch_size} SST-2 prompts, {torch.get_num_threads()} threads, CPU features: "
+          f"{' '.join(cpu_features()) or 'unknown'}, int8 backend {cpu_int8_backend()}\n")
     print("\n".join(lines))
 
     from colafx.files import atomic_write_bytes, atomic_write_json
