@@ -73,20 +73,35 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 _WORKER_TOKENIZER = None
+_WORKER_DTYPE = np.dtype(np.int64)
 
 
-def _init_worker(tokenizer_path: str) -> None:
-    global _WORKER_TOKENIZER
-    _WORKER_TOKENIZER = D.load_any_tokenizer(tokenizer_path)
+def _init_worker(tokenizer) -> None:
+    """Set this process's tokenizer (a loaded one, or a path to load) for :func:`_encode_batch`."""
+    global _WORKER_TOKENIZER, _WORKER_DTYPE
+    _WORKER_TOKENIZER = D.load_any_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
+    _WORKER_DTYPE = token_dtype(len(_WORKER_TOKENIZER))
 
 
 def _encode_batch(docs: list[str]) -> tuple[np.ndarray, np.ndarray, int]:
-    """(token ids of the batch with EOS after each document, tokens per document, UTF-8 bytes)."""
+    """(token ids of the batch with EOS after each document, in the shard dtype; tokens per
+    document; UTF-8 bytes)."""
     tok = _WORKER_TOKENIZER
     ids = tok(docs, add_special_tokens=False)["input_ids"]
     eos = tok.eos_token_id
-    flat = np.fromiter(itertools.chain.from_iterable(row + [eos] for row in ids), dtype=np.int64)
+    flat = np.fromiter(itertools.chain.from_iterable(row + [eos] for row in ids), dtype=_WORKER_DTYPE)
     return flat, np.array([len(row) + 1 for row in ids], dtype=np.int64), sum(len(d.encode("utf-8")) for d in docs)
+
+
+def _pool(workers: int, tokenizer, path: str):
+    """``workers`` tokenizer processes. Where the OS can fork, they are forked from this process
+    (which has run no tokenizer or torch threads yet) and share its loaded modules and ``tokenizer``;
+    a spawned worker would import torch and transformers again (seconds and ~300 MB each)."""
+    import multiprocessing as mp
+
+    if "fork" in mp.get_all_start_methods():
+        return mp.get_context("fork").Pool(workers, _init_worker, (tokenizer,))
+    return mp.get_context("spawn").Pool(workers, _init_worker, (path,))
 
 
 def _batches(docs, size: int):
@@ -162,20 +177,18 @@ def prepare(config: PrepareConfig) -> dict:
         index["shards"], index["val"] = old["shards"], old["val"]
     out.mkdir(parents=True, exist_ok=True)
     total_bytes = _input_bytes(files)
-    bar = _progress(config, total_bytes)
     done_docs = sum(s["docs"] for s in index["shards"])
     if not config.val_data:  # --val-tokens: val.bin holds the first documents of the same stream
         done_docs += (index["val"] or {}).get("docs", 0)
     docs = itertools.islice(_documents(files), done_docs, None)
     pool = None
-    if config.workers > 1:
-        import multiprocessing as mp
-
-        pool = mp.get_context("spawn").Pool(config.workers, _init_worker, (str(config.tokenizer),))
+    _init_worker(tokenizer)  # this process encodes --val-data, and everything with one worker
+    if config.workers > 1:  # before the progress bar starts its thread
+        pool = _pool(config.workers, tokenizer, str(config.tokenizer))
         encoded = pool.imap(_encode_batch, _batches(docs, config.batch_docs))  # ordered: same tokens
     else:
-        _init_worker(str(config.tokenizer))
         encoded = map(_encode_batch, _batches(docs, config.batch_docs))
+    bar = _progress(config, total_bytes)
     try:
         if config.val_data and index["val"] is None:
             val_docs_iter = _documents(_inputs([str(v) for v in config.val_data]))
@@ -195,8 +208,7 @@ def prepare(config: PrepareConfig) -> dict:
                 k = int(np.searchsorted(ends, want_val)) + 1  # documents of this batch that val needs
                 if k <= len(lengths):
                     cut = int(lengths[:k].sum())
-                    index["val"] = _write_shard(out / VAL_NAME, np.concatenate(pending + [tokens[:cut]]),
-                                                n_docs + k, dtype)
+                    index["val"] = _write_shard(out / VAL_NAME, pending + [tokens[:cut]], n_docs + k, dtype)
                     atomic_write_json(out / INDEX_NAME, index)
                     pending, n_docs, want_val = [tokens[cut:]], len(lengths) - k, 0
                     continue
@@ -205,14 +217,14 @@ def prepare(config: PrepareConfig) -> dict:
             have = sum(len(t) for t in pending)
             if not want_val and have >= config.shard_tokens:
                 name = f"train-{len(index['shards']):05d}.bin"
-                index["shards"].append(_write_shard(out / name, np.concatenate(pending), n_docs, dtype))
+                index["shards"].append(_write_shard(out / name, pending, n_docs, dtype))
                 pending, n_docs = [], 0
                 atomic_write_json(out / INDEX_NAME, index)
         if pending:
             if want_val:
                 raise ValueError(f"the corpus has fewer than --val-tokens {config.val_tokens} tokens")
             name = f"train-{len(index['shards']):05d}.bin"
-            index["shards"].append(_write_shard(out / name, np.concatenate(pending), n_docs, dtype))
+            index["shards"].append(_write_shard(out / name, pending, n_docs, dtype))
     finally:
         if pool is not None:
             pool.terminate()
@@ -226,16 +238,22 @@ def prepare(config: PrepareConfig) -> dict:
     return index
 
 
-def _concat(encoded) -> tuple[np.ndarray, int, int]:
+def _concat(encoded) -> tuple[list[np.ndarray], int, int]:
     parts = list(encoded)
     if not parts:
         raise ValueError("the validation sources hold no text")
-    return np.concatenate([p[0] for p in parts]), sum(len(p[1]) for p in parts), sum(p[2] for p in parts)
+    return [p[0] for p in parts], sum(len(p[1]) for p in parts), sum(p[2] for p in parts)
 
 
-def _write_shard(path: Path, tokens: np.ndarray, docs: int, dtype: np.dtype) -> dict:
-    atomic_write_bytes(path, lambda tmp: tokens.astype(dtype).tofile(tmp))
-    return {"file": path.name, "tokens": int(len(tokens)), "docs": int(docs), "sha256": file_sha256(path)}
+def _write_shard(path: Path, chunks: list[np.ndarray], docs: int, dtype: np.dtype) -> dict:
+    """Write ``chunks`` one after the other as one ``dtype`` shard (atomically; no concatenated copy)."""
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk.astype(dtype, copy=False).tobytes())
+    atomic_write_bytes(path, write)
+    tokens = sum(len(c) for c in chunks)
+    return {"file": path.name, "tokens": int(tokens), "docs": int(docs), "sha256": file_sha256(path)}
 
 
 def read_index(directory: str | Path) -> dict:

@@ -66,6 +66,19 @@ def test_one_and_two_workers_write_identical_shards(docs, tokenizer_dir, tmp_pat
     assert a["val"]["sha256"] == b["val"]["sha256"] and a["val"]["tokens"] >= 500
 
 
+def test_two_workers_with_val_data_tokenize_it_in_the_main_process(docs, tokenizer_dir, tmp_path):
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[:40]))
+    (tmp_path / "val.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[40:]))
+    out = tmp_path / "out"
+    index = PR.prepare(PR.PrepareConfig(sources=[str(tmp_path / "train.jsonl")], tokenizer=tokenizer_dir,
+                                        out=str(out), workers=2, batch_docs=4, val_data=[str(tmp_path / "val.jsonl")],
+                                        progress=False))
+    tok = D.load_any_tokenizer(tokenizer_dir)
+    want = [t for ids in tok(docs[40:], add_special_tokens=False)["input_ids"] for t in ids + [tok.eos_token_id]]
+    assert np.fromfile(out / index["val"]["file"], dtype=index["dtype"]).tolist() == want
+    assert index["total_tokens"] == len(_tokens(out))
+
+
 def test_killed_run_resumes_after_its_finished_shards(docs, tokenizer_dir, tmp_path, monkeypatch):
     (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     config = dict(sources=[str(tmp_path / "c.jsonl")], tokenizer=tokenizer_dir, shard_tokens=2000, batch_docs=4,
