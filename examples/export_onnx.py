@@ -1,4 +1,5 @@
-"""Export a CoLA model (and an int8 copy) to ONNX and generate with onnxruntime's KV cache.
+"""Export a CoLA model (and an int8 copy) to ONNX and generate with onnxruntime's KV cache,
+one prompt and a left-padded batch of two.
 
     python examples/export_onnx.py                    # llama-tiny, under a minute on a CPU
     python examples/export_onnx.py --model smollm2    # SmolLM2-135M: "The capital of France is" ...
@@ -42,3 +43,11 @@ with tempfile.TemporaryDirectory() as out:
         text = tokenizer.decode(got[0, ids.shape[1]:]) if tokenizer else got[0, ids.shape[1]:].tolist()
         size = path.stat().st_size / 2**20
         print(f"{name:10s} {size:7.2f} MiB  greedy tokens == PyTorch: {torch.equal(got, ref)}  -> {text!r}")
+        # a batch of two prompts of different lengths: left-pad the short one, pass the mask
+        short = ids[:, -3:]
+        batch = torch.cat([ids, torch.cat([torch.zeros_like(ids[:, 3:]), short], dim=1)])
+        mask = torch.cat([torch.ones_like(ids), torch.cat([torch.zeros_like(ids[:, 3:]), torch.ones_like(short)], 1)])
+        padded = lm.generate(batch, max_new_tokens=args.tokens, attention_mask=mask)
+        alone = lm.generate(short, max_new_tokens=args.tokens)
+        print(f"{'':10s} padded batch of 2 == each prompt alone: "
+              f"{torch.equal(padded[0], got[0]) and torch.equal(padded[1, ids.shape[1] - 3:], alone[0])}")

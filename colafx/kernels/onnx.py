@@ -256,3 +256,78 @@ def onnx_translation_table(act_quant: str = "per_token", ops: str = "contrib") -
         table.int8_linear.default: _make_int8_linear_onnx(act_quant, ops),
         table.int4_linear.default: _make_int4_linear_onnx(ops),
     }
+
+
+def fuse_matmul_nbits(model) -> int:
+    """Merge the ``com.microsoft::MatMulNBits`` nodes that read the same input with the same
+    attributes (q/k/v, gate/up) into one node over the concatenated weights, followed by a
+    ``Split`` back into the original outputs: one activation quantization and one wider GEMV
+    instead of several. Only nodes whose weights and scales are initializers and that have no
+    zero-point / g_idx / bias input are merged. Edits the ``onnx.ModelProto`` in place (topological
+    order is kept: the merged node takes the place of the group's first node).
+
+    Returns:
+        the number of MatMulNBits nodes merged away.
+    """
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    groups: dict[tuple, list] = {}
+    for node in graph.node:
+        if node.op_type != "MatMulNBits" or node.domain != "com.microsoft" or len(node.input) != 3:
+            continue
+        if node.input[1] not in inits or node.input[2] not in inits:
+            continue
+        attrs = tuple(sorted((a.name, onnx.helper.get_attribute_value(a)) for a in node.attribute if a.name != "N"))
+        groups.setdefault((node.input[0], attrs), []).append(node)
+    removed = 0
+    for (source, _), nodes in groups.items():
+        if len(nodes) < 2:
+            continue
+        weights = [numpy_helper.to_array(inits[n.input[1]]) for n in nodes]
+        scales = [numpy_helper.to_array(inits[n.input[2]]) for n in nodes]
+        sizes = [w.shape[0] for w in weights]
+        stem = f"{nodes[0].output[0]}_fused"
+        graph.initializer.extend([numpy_helper.from_array(np.concatenate(weights), f"{stem}_B"),
+                                  numpy_helper.from_array(np.concatenate(scales), f"{stem}_scales"),
+                                  numpy_helper.from_array(np.asarray(sizes, np.int64), f"{stem}_split")])
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in nodes[0].attribute}
+        attrs["N"] = sum(sizes)
+        fused = onnx.helper.make_node("MatMulNBits", [source, f"{stem}_B", f"{stem}_scales"], [stem],
+                                      domain="com.microsoft", name=stem, **attrs)
+        split = onnx.helper.make_node("Split", [stem, f"{stem}_split"], [n.output[0] for n in nodes],
+                                      axis=-1, name=f"{stem}_split")
+        at = list(graph.node).index(nodes[0])
+        for node in nodes:
+            graph.node.remove(node)
+        graph.node.insert(at, split)
+        graph.node.insert(at, fused)
+        removed += len(nodes) - 1
+    used = {name for node in graph.node for name in node.input}
+    keep = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    return removed
+
+
+def fold_quantized_weights(model) -> None:
+    """Constant-fold the weight preparation of the quantized linears (int8 codes shifted to uint8,
+    reshaped into MatMulNBits blocks or transposed for MatMulInteger; int4 nibbles reshaped into
+    blocks) however large, so the file
+    stores what the kernel reads and :func:`fuse_matmul_nbits` finds initializers. The exporter's
+    optimizer skips tensors above 8192 elements. ``model``: an ``onnx_ir.Model`` (edited in place).
+    """
+    from onnxscript.optimizer import fold_constants
+
+    def should_fold(node):
+        scope = node.metadata_props.get("pkg.torch.onnx.class_hierarchy", "")
+        if "colafx.int8_linear" in scope and node.op_type in ("Cast", "Add", "Reshape", "Transpose"):
+            return True
+        if "colafx.int4_linear" in scope and node.op_type == "Reshape":  # packed nibbles: same bytes
+            return True
+        return None
+
+    fold_constants(model, should_fold=should_fold)

@@ -226,7 +226,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, quant: str | None = N
     with _quiet_exporter():
         program = torch.onnx.export(exported, input_names=inputs, output_names=outputs, opset_version=opset,
                                     dynamo=True, custom_translation_table=_translation_table(onnx_ops), verbose=False)
-    _save_program(program, path)
+    _save_program(program, path, onnx_ops)
     onnx.checker.check_model(str(path))
     _write_meta(model, path, quant, kv_cache, dtype, inputs, outputs, tokenizer, onnx_ops)
     return path
@@ -247,12 +247,25 @@ def _quiet_exporter():
         logger.setLevel(level)
 
 
-def _save_program(program, path: Path) -> None:
-    """Save an ``ONNXProgram`` to ``path`` without ever leaving a half-written file there."""
+def _save_program(program, path: Path, onnx_ops: str) -> None:
+    """Save an ``ONNXProgram`` to ``path`` without ever leaving a half-written file there; with
+    ``onnx_ops="contrib"`` the MatMulNBits nodes that share an input are merged first."""
+    import onnx
+
     big = sum(t.numel() * t.element_size() for t in program.exported_program.state_dict.values()) \
         > _EXTERNAL_DATA_BYTES
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
-        program.save(str(Path(tmp) / path.name), external_data=big)
+        target = Path(tmp) / path.name
+        if onnx_ops == "contrib":
+            from colafx.kernels.onnx import fold_quantized_weights, fuse_matmul_nbits
+
+            fold_quantized_weights(program.model)
+            proto = program.model_proto
+            fuse_matmul_nbits(proto)
+            onnx.save_model(proto, str(target), save_as_external_data=big, all_tensors_to_one_file=True,
+                            location=f"{path.name}.data")
+        else:
+            program.save(str(target), external_data=big)
         for item in sorted(Path(tmp).iterdir(), key=lambda p: p.name == path.name):
             os.replace(item, path.parent / item.name)  # data first, the .onnx last
 

@@ -154,12 +154,15 @@ def test_left_padded_batch_generates_what_each_prompt_generates_alone(cola_expor
         lm.generate(ids, 2, attention_mask=mask[:, 1:])
 
 
-def test_int8_default_export_is_one_matmulnbits_per_linear_close_to_pytorch_int8(int8_contrib_export):
+def test_int8_default_export_is_matmulnbits_with_qkv_and_gate_up_merged_close_to_pytorch_int8(int8_contrib_export):
     model, path = int8_contrib_export
-    nodes = onnx.load(str(path)).graph.node
-    assert sum(n.op_type == "MatMulNBits" and n.domain == "com.microsoft" for n in nodes) \
-        == len(quantized_modules(model)) == 14
-    assert not any(n.op_type == "MatMulInteger" for n in nodes)
+    graph = onnx.load(str(path)).graph
+    nbits = [n for n in graph.node if n.op_type == "MatMulNBits" and n.domain == "com.microsoft"]
+    assert len(quantized_modules(model)) == 14 and not any(n.op_type == "MatMulInteger" for n in graph.node)
+    # per layer: q|k|v (one node, N = 64 + 32 + 32), o, gate|up (N = 2 x 176), down
+    assert sorted(a.i for n in nbits for a in n.attribute if a.name == "N") == [64, 64, 64, 64, 128, 128, 352, 352]
+    inits = {t.name: t for t in graph.initializer}
+    assert all(inits[n.input[1]].data_type == onnx.TensorProto.UINT8 for n in nbits)  # codes stored, not computed
     assert json.loads(path.with_suffix(".json").read_text())["onnx_ops"] == "contrib"
     ids = _ids((2, 9))
     got, expected = OnnxCausalLM(path).forward(ids)[0], _logits(model, ids)
