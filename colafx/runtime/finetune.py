@@ -21,6 +21,7 @@ from colafx.runtime.device import DEVICE_HELP, environment, resolve_device
 
 METHODS = ("quzo", "mezo", "adamw")
 CHECKPOINT = "checkpoint"
+DEV_SEED = 1  # shuffles the dev file before the first n_dev examples are taken
 
 
 @dataclass
@@ -42,6 +43,7 @@ class FinetuneConfig:
     bits: int = 8
     act_bits: int = 8
     group_size: Optional[int] = None
+    quantize_base: bool = False          # adamw / mezo + trainable "lora": quantize the frozen base (bits, act_bits)
     trainable: str = "all"               # "all", "cola" or "lora"
     lora_rank: int = 8
     lora_alpha: float = 16.0
@@ -77,6 +79,9 @@ class FinetuneConfig:
             raise ValueError(f"bits must be 8 or 4, got {self.bits}")
         if self.objective not in tasks.OBJECTIVES:
             raise ValueError(f"unknown objective {self.objective!r}; choose one of {tasks.OBJECTIVES}")
+        if self.quantize_base and (self.method == "quzo" or self.trainable != "lora"):
+            raise ValueError("quantize_base is for method adamw / mezo with trainable='lora' "
+                             "(quzo always quantizes its base)")
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
         for name in ("steps", "batch_size", "eval_every"):
@@ -134,13 +139,13 @@ def _prepare(model, config: FinetuneConfig):
     from colafx.transform.quantize import QuantConfig, quantize_, quantized_modules
 
     done = quantized_modules(model)
-    if done and (config.method == "adamw" or (config.method == "mezo" and config.trainable != "lora")):
+    if done and config.method != "quzo" and config.trainable != "lora":
         raise ValueError(f"the model is already quantized: method {config.method!r} cannot train its integer "
-                         "weights (use method='quzo', or method='mezo' with trainable='lora')")
+                         "weights (use method='quzo', or trainable='lora' to train adapters on it)")
     if done and {m.bits for m in done.values()} != {config.bits}:
         raise ValueError(f"the model is quantized to {sorted({m.bits for m in done.values()})} bits, "
                          f"not bits={config.bits}")
-    if config.method == "quzo" and not done:
+    if (config.method == "quzo" or config.quantize_base) and not done:
         quantize_(model, QuantConfig(config.bits, config.act_bits, config.group_size, zo_headroom=True))
     if config.trainable == "lora":
         from colafx.runtime.lora import LoRALinear, add_lora_
@@ -174,7 +179,8 @@ def _data(config: FinetuneConfig, tokenizer):
         task = tasks.PromptTask(config.template, tuple(config.label_words), config.label_field,
                                 tuple(config.label_names or ()))
     train = tasks.sample_per_class(tasks.read_examples(train_file, task), config.k_shot, config.seed)
-    dev = tasks.sample_per_class(tasks.read_examples(dev_file, task), 0, config.seed + 1)[: config.n_dev]
+    # The dev subset does not depend on the training seed: runs with different seeds score the same examples.
+    dev = tasks.sample_per_class(tasks.read_examples(dev_file, task), 0, DEV_SEED)[: config.n_dev]
     return task, train, dev
 
 
@@ -253,8 +259,12 @@ def _resume(model, optimizer, out: Path) -> int:
     return int(meta["step"])
 
 
-def finetune(config: FinetuneConfig) -> dict:
-    """Run fine-tuning as ``config`` says; returns ``{"history": rows, "final": last eval row}``.
+def finetune(config: FinetuneConfig, loaded: Optional[tuple] = None) -> dict:
+    """Run fine-tuning as ``config`` says; returns ``{"history": rows, "final": last eval row,
+    "model": the trained model, "optimizer": its optimizer}``.
+
+    ``loaded``: ``(model, tokenizer)`` already loaded from ``config.model`` (changed in place), so a
+    caller running several configs loads once.
 
     Raises:
         ValueError: bad configuration, wrong data files or labels.
@@ -265,7 +275,7 @@ def finetune(config: FinetuneConfig) -> dict:
 
     config.validate()
     out = Path(config.out)
-    model, tokenizer = _load(config)
+    model, tokenizer = loaded or _load(config)
     device = resolve_device(config.device)
     model.to(device)  # before quantizing / LoRA: their tensors are made where the weights are
     optimizer = _prepare(model, config)
@@ -313,7 +323,7 @@ def finetune(config: FinetuneConfig) -> dict:
         log(row)
     plot_curve(history, out / "curve.png", f"{config.model or config.preset}: {config.method}")
     final = next(r for r in reversed(history) if "dev_acc" in r or "dev_loss" in r)
-    return {"history": history, "final": final, "model": model}
+    return {"history": history, "final": final, "model": model, "optimizer": optimizer}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -336,9 +346,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "vocabulary (the papers'), 'candidates' = cross-entropy over the label words only")
     parser.add_argument("--method", default="quzo", choices=METHODS,
                         help="quzo: integer weights, forward only; mezo: float, forward only; adamw: backprop")
-    parser.add_argument("--bits", type=int, default=8, choices=[8, 4], help="quzo: weight bits")
-    parser.add_argument("--act-bits", type=int, default=8, choices=[8, 16], help="quzo: activation bits (16 = weight-only)")
-    parser.add_argument("--group-size", type=int, default=None, help="quzo: weight scale group size (default per channel)")
+    parser.add_argument("--bits", type=int, default=8, choices=[8, 4], help="quzo (or --quantize-base): weight bits")
+    parser.add_argument("--act-bits", type=int, default=8, choices=[8, 16], help="quzo (or --quantize-base): activation bits (16 = weight-only)")
+    parser.add_argument("--group-size", type=int, default=None, help="quzo (or --quantize-base): weight scale group size (default per channel)")
+    parser.add_argument("--quantize-base", action="store_true",
+                        help="adamw / mezo with --trainable lora: quantize the frozen base to --bits / --act-bits "
+                             "(adamw backpropagates through it by the straight-through estimator)")
     parser.add_argument("--trainable", default="all", choices=["all", "cola", "lora"],
                         help="train all projections, only CoLA factors, or LoRA adapters on a frozen base")
     parser.add_argument("--lora-rank", type=int, default=8, help="LoRA rank")

@@ -151,3 +151,28 @@ def test_help_says_the_progress_bar_is_shown_by_default(capsys):
         main(["finetune", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     assert "hide the progress bar (default: shown)" in help_text and "(default: True)" not in help_text
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_adamw_lora_on_a_quantized_base_trains_the_adapters_by_backprop(sst_dir, tmp_path, bits):
+    """--quantize-base: the quantized first-order baseline. The base becomes integer and stays as it
+    was; the straight-through backward of the quantized linears reaches every adapter (lora_b moves)."""
+    result = finetune(_cfg(sst_dir, tmp_path, method="adamw", trainable="lora", quantize_base=True, bits=bits,
+                           steps=2))
+    q_proj = result["model"].model.layers[0].self_attn.q_proj
+    assert q_proj.base.qweight.dtype == (torch.int8 if bits == 8 else torch.uint8)
+    lora_b = [p for n, p in result["model"].named_parameters() if n.endswith("lora_b")]
+    assert lora_b and all(float(p.detach().abs().sum()) > 0 for p in lora_b)
+    assert isinstance(result["optimizer"], torch.optim.AdamW)
+    with pytest.raises(ValueError, match="quantize_base is for method adamw / mezo"):
+        finetune(_cfg(sst_dir, tmp_path / "x", method="adamw", trainable="all", quantize_base=True))
+
+
+def test_dev_examples_do_not_depend_on_the_training_seed(sst_dir):
+    from colafx.runtime.finetune import _data
+
+    tok = None
+    _, train0, dev0 = _data(_cfg(sst_dir, "o", seed=0, n_dev=6), tok)
+    _, train1, dev1 = _data(_cfg(sst_dir, "o", seed=1, n_dev=6), tok)
+    assert dev0 == dev1 and len(dev0) == 6
+    assert train0 != train1  # the k-shot training sample does depend on it
