@@ -378,6 +378,7 @@ class PreparedCorpus:
         if self.starts[-1] == 0:
             raise ValueError(f"{directory} holds fewer than {self.window} tokens: no training window")
         self._maps: dict[int, object] = {}
+        self._affine = (-1, 1, 0)  # (epoch, a, b) of the last epoch read
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -402,11 +403,14 @@ class PreparedCorpus:
 
         n = len(self)
         epoch, i = divmod(p, n)
-        rng = random.Random(self.seed * 1_000_003 + epoch)
-        a = rng.randrange(1, max(n, 2))
-        while math.gcd(a, n) != 1:
-            a = a % n + 1
-        return (a * i + rng.randrange(n)) % n
+        if self._affine[0] != epoch:  # (a, b) of this epoch, drawn once (seeding a Random is slow)
+            rng = random.Random(self.seed * 1_000_003 + epoch)
+            a = rng.randrange(1, max(n, 2))
+            while math.gcd(a, n) != 1:
+                a = a % n + 1
+            self._affine = (epoch, a, rng.randrange(n))
+        _, a, b = self._affine
+        return (a * i + b) % n
 
     def window_at(self, w: int) -> torch.Tensor:
         """Window ``w`` (in shard order) as int64 token ids."""

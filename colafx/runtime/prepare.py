@@ -93,6 +93,21 @@ def _encode_batch(docs: list[str]) -> tuple[np.ndarray, np.ndarray, int]:
     return flat, np.array([len(row) + 1 for row in ids], dtype=np.int64), sum(len(d.encode("utf-8")) for d in docs)
 
 
+def _bounded_imap(pool, batches, ahead: int):
+    """``_encode_batch`` over ``batches`` in ``pool``, in order (so N workers write the same tokens
+    as one), with at most ``ahead`` batches in flight: ``Pool.imap`` would read the whole corpus into
+    its task queue whenever the workers are slower than the reader."""
+    from collections import deque
+
+    flight = deque()
+    for batch in batches:
+        flight.append(pool.apply_async(_encode_batch, (batch,)))
+        if len(flight) >= ahead:
+            yield flight.popleft().get()
+    while flight:
+        yield flight.popleft().get()
+
+
 def _pool(workers: int, tokenizer, path: str):
     """``workers`` tokenizer processes. Where the OS can fork, they are forked from this process
     (which has run no tokenizer or torch threads yet) and share its loaded modules and ``tokenizer``;
@@ -185,7 +200,7 @@ def prepare(config: PrepareConfig) -> dict:
     _init_worker(tokenizer)  # this process encodes --val-data, and everything with one worker
     if config.workers > 1:  # before the progress bar starts its thread
         pool = _pool(config.workers, tokenizer, str(config.tokenizer))
-        encoded = pool.imap(_encode_batch, _batches(docs, config.batch_docs))  # ordered: same tokens
+        encoded = _bounded_imap(pool, _batches(docs, config.batch_docs), 4 * config.workers)
     else:
         encoded = map(_encode_batch, _batches(docs, config.batch_docs))
     bar = _progress(config, total_bytes)
