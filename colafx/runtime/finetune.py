@@ -146,7 +146,10 @@ def _prepare(model, config: FinetuneConfig):
         raise ValueError(f"the model is quantized to {sorted({m.bits for m in done.values()})} bits, "
                          f"not bits={config.bits}")
     if (config.method == "quzo" or config.quantize_base) and not done:
-        quantize_(model, QuantConfig(config.bits, config.act_bits, config.group_size, zo_headroom=True))
+        # Head-room (qmax 119 / 6) only where QuZO perturbs the integer weights; a frozen LoRA base keeps
+        # the full grid (127 / 7: a 17% finer int4 step).
+        headroom = config.method == "quzo" and config.trainable != "lora"
+        quantize_(model, QuantConfig(config.bits, config.act_bits, config.group_size, zo_headroom=headroom))
     if config.trainable == "lora":
         from colafx.runtime.lora import LoRALinear, add_lora_
 
