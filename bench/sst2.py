@@ -34,7 +34,7 @@ VARIANTS = {  # name -> FinetuneConfig fields
     "adamw-int4": dict(method="adamw", bits=4, quantize_base=True),
 }
 SWEEP = {  # (lr, eps) candidates per method family
-    "zo": [(1e-3, 1e-2), (3e-3, 1e-2)],
+    "zo": [(1e-3, 1e-2), (3e-3, 1e-2), (3e-3, 4e-2)],
     "adamw": [(3e-4, 0.0), (1e-3, 0.0)],
 }
 HELDOUT = 2000  # last rows of train.tsv: the sweep's scoring set (no run trains on them)
