@@ -300,3 +300,15 @@ def test_packed_weight_cache_drops_the_entry_of_a_freed_weight():
     assert key in qmatmul._PACKED
     del w
     assert key not in qmatmul._PACKED
+
+
+@pytest.mark.parametrize("bits, k, group_size", WEIGHTS)
+def test_eager_call_without_dispatch_equals_the_custom_op(bits, k, group_size):
+    """Eager no-grad CPU calls skip torch.ops dispatch: same result as the registered op."""
+    x, qw, b = _case(7, k, bits, group_size)
+    for act_bits in (8, 16):
+        if bits == 8:
+            via_op = torch.ops.colafx.int8_linear(x, qw.qweight, qw.scale, b, act_bits)
+        else:
+            via_op = torch.ops.colafx.int4_linear(x, qw.qweight, qw.scale, b, group_size, act_bits)
+        assert torch.equal(_linear(x, qw, b, act_bits), via_op)
