@@ -35,6 +35,7 @@ BASES = {  # name -> QuantConfig kwargs (None: fp32)
     "w4a16": dict(weight_bits=4, act_bits=16, zo_headroom=True),
     "w4a8-nohead": dict(weight_bits=4, act_bits=8),
     "w4a8-g64": dict(weight_bits=4, act_bits=8, group_size=64, zo_headroom=True),
+    "w4a8-g64-nohead": dict(weight_bits=4, act_bits=8, group_size=64),
     "w4a8-g32-nohead": dict(weight_bits=4, act_bits=8, group_size=32),
 }
 

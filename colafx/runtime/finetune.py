@@ -20,6 +20,7 @@ from colafx.runtime import tasks
 from colafx.runtime.device import DEVICE_HELP, environment, resolve_device
 
 METHODS = ("quzo", "mezo", "adamw")
+TRAINABLE = ("auto", "all", "cola", "lora")
 CHECKPOINT = "checkpoint"
 DEV_SEED = 1  # shuffles the dev file before the first n_dev examples are taken
 
@@ -44,7 +45,7 @@ class FinetuneConfig:
     act_bits: int = 8
     group_size: Optional[int] = None
     quantize_base: bool = False          # adamw / mezo + trainable "lora": quantize the frozen base (bits, act_bits)
-    trainable: str = "all"               # "all", "cola" or "lora"
+    trainable: str = "auto"              # "all", "cola", "lora", or "auto": "lora" for QuZO int4, else "all"
     lora_rank: int = 8
     lora_alpha: float = 16.0
     steps: int = 100
@@ -79,7 +80,9 @@ class FinetuneConfig:
             raise ValueError(f"bits must be 8 or 4, got {self.bits}")
         if self.objective not in tasks.OBJECTIVES:
             raise ValueError(f"unknown objective {self.objective!r}; choose one of {tasks.OBJECTIVES}")
-        if self.quantize_base and (self.method == "quzo" or self.trainable != "lora"):
+        if self.trainable not in TRAINABLE:
+            raise ValueError(f"unknown trainable set {self.trainable!r}; choose one of {TRAINABLE}")
+        if self.quantize_base and (self.method == "quzo" or self.resolved_trainable() != "lora"):
             raise ValueError("quantize_base is for method adamw / mezo with trainable='lora' "
                              "(quzo always quantizes its base)")
         if self.warmup < 0:
@@ -98,6 +101,17 @@ class FinetuneConfig:
             if path is not None and not Path(path).is_file():
                 hint = " (--data-dir: a folder holding SST-2/train.tsv and dev.tsv)" if self.task == "sst2" else ""
                 raise FileNotFoundError(f"data file {path} does not exist{hint}")
+
+
+    def resolved_trainable(self) -> str:
+        """``trainable`` with "auto" resolved: LoRA adapters for QuZO at 4 bits, all projections otherwise.
+
+        Full-parameter int4 QuZO does not learn: a stochastically rounded perturbation of a few
+        grid steps (qmax 6) buries the loss difference in rounding noise (docs/quzo-int4.md).
+        """
+        if self.trainable != "auto":
+            return self.trainable
+        return "lora" if self.method == "quzo" and self.bits == 4 else "all"
 
 
 def _data_files(config: "FinetuneConfig") -> tuple:
@@ -277,6 +291,7 @@ def finetune(config: FinetuneConfig, loaded: Optional[tuple] = None) -> dict:
     from tqdm.auto import tqdm
 
     config.validate()
+    config = dataclasses.replace(config, trainable=config.resolved_trainable())  # the checkpoint records it
     out = Path(config.out)
     model, tokenizer = loaded or _load(config)
     device = resolve_device(config.device)
@@ -355,8 +370,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantize-base", action="store_true",
                         help="adamw / mezo with --trainable lora: quantize the frozen base to --bits / --act-bits "
                              "(adamw backpropagates through it by the straight-through estimator)")
-    parser.add_argument("--trainable", default="all", choices=["all", "cola", "lora"],
-                        help="train all projections, only CoLA factors, or LoRA adapters on a frozen base")
+    parser.add_argument("--trainable", default="auto", choices=list(TRAINABLE),
+                        help="train all projections, only CoLA factors, or LoRA adapters on a frozen base; auto: "
+                             "LoRA for quzo --bits 4 (full-parameter int4 QuZO does not learn), all otherwise")
     parser.add_argument("--lora-rank", type=int, default=8, help="LoRA rank")
     parser.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha")
     parser.add_argument("--steps", type=int, default=100, help="optimizer steps")
