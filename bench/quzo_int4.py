@@ -48,6 +48,12 @@ def corr(a, b) -> float:
     return float((a * b).sum() / den) if den > 0 else float("nan")
 
 
+def noise_to_signal(diffs, exact) -> float:
+    """RMS of the part of D that ``2ε·∇L·u`` does not explain, over the RMS of ``2ε·∇L·u``."""
+    d, g = torch.tensor(diffs, dtype=torch.float64), torch.tensor(exact, dtype=torch.float64)
+    return float((d - g).pow(2).mean().sqrt() / g.pow(2).mean().sqrt())
+
+
 def lora_signal(model, loss_fn, eps: float, directions: int) -> dict:
     """Two-point differences of LoRA adapters vs their autograd directional derivatives."""
     from colafx.kernels.zo import normal_noise, zo_perturb_
@@ -75,7 +81,7 @@ def lora_signal(model, loss_fn, eps: float, directions: int) -> dict:
             for p, s in zip(params, seeds):
                 zo_perturb_(p.data, s, eps)
             diffs.append(lp - lm)
-    return {"loss": float(loss), "corr_D_vs_grad": corr(diffs, exact),
+    return {"loss": float(loss), "corr_D_vs_grad": corr(diffs, exact), "noise_to_signal": noise_to_signal(diffs, exact),
             "median_abs_D": statistics.median(abs(x) for x in diffs),
             "median_abs_2eps_grad_u": statistics.median(abs(x) for x in exact), "D": diffs, "2eps_grad_u": exact}
 
@@ -137,6 +143,7 @@ def full_int_signal(model, loss_fn_of, eps: float, lrs, directions: int) -> dict
                     update_share[lr].append(float((lr * g * step.abs() / eps).clamp(max=1).mean()))
     qmax = ZO_QMAX[mods[0][1].bits]
     return {"perturbed_share": moved / total, "corr_D_vs_grad": corr(diffs, exact),
+            "noise_to_signal": noise_to_signal(diffs, exact),
             "corr_D_two_roundings": corr(diffs, diffs2), "median_abs_D": statistics.median(abs(x) for x in diffs),
             "median_abs_2eps_grad_u": statistics.median(abs(x) for x in exact), "qmax": qmax,
             "nonzero_update_share": {str(lr): statistics.mean(v) for lr, v in update_share.items()},
@@ -196,9 +203,10 @@ def main(argv=None) -> int:
         results[name] = r
         f = r.get("full", {})
         print(f"{name}: held-out loss {quality['heldout_loss']:.3f} acc {quality['heldout_acc']:.3f} | LoRA "
-              f"corr(D, 2e g.u) {r['lora']['corr_D_vs_grad']:+.2f} med|D| {r['lora']['median_abs_D']:.2e} "
+              f"corr(D, 2e g.u) {r['lora']['corr_D_vs_grad']:+.2f} noise/signal {r['lora']['noise_to_signal']:.2f} med|D| {r['lora']['median_abs_D']:.2e} "
               f"med|2e g.u| {r['lora']['median_abs_2eps_grad_u']:.2e}"
               + (f" | full: moved {f['perturbed_share']:.4f} corr(D, grad) {f['corr_D_vs_grad']:+.2f} "
+                 f"noise/signal {f['noise_to_signal']:.2f} "
                  f"corr(D, D') {f['corr_D_two_roundings']:+.2f} med|D| {f['median_abs_D']:.2e} "
                  f"med|2e g.u| {f['median_abs_2eps_grad_u']:.2e} nonzero-update {f['nonzero_update_share']}"
                  if f else "") + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
