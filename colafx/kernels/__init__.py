@@ -24,14 +24,16 @@ from .quant import (
 from .zo import HEADROOM, ZO_QMAX, zo_perturb_, zo_perturb_int_, zo_update_
 
 
-def onnx_translation_table() -> dict:
-    """Return ``{torch.ops.colafx.<op>.default: onnxscript function}`` for ``torch.onnx.export``.
+def onnx_translation_table(**options) -> dict:
+    """Return ``{torch.ops.colafx.<op>.default: onnxscript function}`` for ``torch.onnx.export``;
+    ``options`` (``ops=``, ``act_quant=``) as :func:`colafx.kernels.onnx.onnx_translation_table`.
 
-    Imports onnxscript lazily. Raises ImportError if onnxscript is not installed.
+    Imports onnxscript lazily. Raises ImportError if onnxscript is not installed, ValueError for
+    an unknown option value.
     """
     from .onnx import onnx_translation_table as table
 
-    return table()
+    return table(**options)
 
 
 __all__ = [
