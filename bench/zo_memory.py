@@ -91,7 +91,12 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per variant (interleaved)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS, help="variants to run")
     parser.add_argument("--out", default="bench/results", help="folder for zo_memory.json / zo_memory.png")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's; 1 on a shared machine, where a second "
+                             "OpenMP thread mostly measures the scheduler)")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     from tqdm import tqdm
 
