@@ -111,10 +111,15 @@ def _bounded_imap(pool, batches, ahead: int):
 def _pool(workers: int, tokenizer, path: str):
     """``workers`` tokenizer processes. Where the OS can fork, they are forked from this process
     (which has run no tokenizer or torch threads yet) and share its loaded modules and ``tokenizer``;
-    a spawned worker would import torch and transformers again (seconds and ~300 MB each)."""
+    a spawned worker would import torch and transformers again (seconds and ~300 MB each). Before
+    forking, ``gc.freeze()`` moves every object to the permanent generation, so no process's garbage
+    collector writes to the shared pages (a full collection otherwise copies them into each worker);
+    the caller calls ``gc.unfreeze()`` when the pool is gone."""
+    import gc
     import multiprocessing as mp
 
     if "fork" in mp.get_all_start_methods():
+        gc.freeze()
         return mp.get_context("fork").Pool(workers, _init_worker, (tokenizer,))
     return mp.get_context("spawn").Pool(workers, _init_worker, (path,))
 
@@ -242,7 +247,10 @@ def prepare(config: PrepareConfig) -> dict:
             index["shards"].append(_write_shard(out / name, pending, n_docs, dtype))
     finally:
         if pool is not None:
+            import gc
+
             pool.terminate()
+            gc.unfreeze()
         if bar is not None:
             bar.close()
     if not index["shards"]:
