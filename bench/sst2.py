@@ -38,6 +38,26 @@ SWEEP = {  # (lr, eps) candidates per method family
     "adamw": [(3e-4, 0.0), (1e-3, 0.0)],
 }
 HELDOUT = 2000  # last rows of train.tsv: the sweep's scoring set (no run trains on them)
+RESULT_ARGS = ("model", "steps", "eval_every", "sweep_steps", "n_heldout", "batch_size", "k_shot", "n_dev",
+               "lora_rank", "int4_group_size")  # a resumed report must have been made with the same
+
+
+def load_previous(path: Path, args) -> dict:
+    """The report at ``path`` to resume from (empty if there is none).
+
+    Raises:
+        SystemExit: it was made with other result-changing arguments (one line naming them).
+    """
+    import json
+
+    if not path.is_file():
+        return {}
+    old = json.loads(path.read_text())
+    changed = [k for k in RESULT_ARGS if old.get("args", {}).get(k) != getattr(args, k)]
+    if changed:
+        raise SystemExit(f"--resume: {path} was made with other {', '.join(changed)}; "
+                         "rerun without --resume or with the same arguments")
+    return old
 
 
 def split_train(data_dir: Path, folder: Path) -> tuple[Path, Path]:
@@ -86,6 +106,11 @@ def measure_memory(result: dict, tokenizer, batch, device) -> dict:
             "peak_mb": (resident + transient) / 2**20}
 
 
+def ordered(by_variant: dict) -> list:
+    """``(name, value)`` pairs in VARIANTS order (a JSON report comes back with sorted keys)."""
+    return sorted(by_variant.items(), key=lambda kv: list(VARIANTS).index(kv[0]) if kv[0] in VARIANTS else len(VARIANTS))
+
+
 def mean_std(values) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for one value)."""
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
@@ -111,6 +136,9 @@ def main(argv=None) -> int:
     parser.add_argument("--lora-rank", type=int, default=8, help="LoRA rank")
     parser.add_argument("--int4-group-size", type=int, default=64, help="int4 weight scale group size (0: per channel)")
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse the zero-shot, sweep candidates, runs and memory already in OUT/sst2.json "
+                             "(same arguments), e.g. after a restart with more threads")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: seed 0, 4 steps, 16 dev / held-out examples, 2-step sweep of one candidate")
     parser.add_argument("--out", default="bench/results", help="folder for sst2.json / sst2.png")
@@ -133,6 +161,7 @@ def run(args) -> int:
     print("CPU features:", " ".join(cpu_features()), f"| {torch.get_num_threads()} threads", flush=True)
     t_start = time.perf_counter()
     out, work = Path(args.out), Path(tempfile.mkdtemp(prefix="colafx-sst2-"))
+    previous = load_previous(out / "sst2.json", args) if args.resume else {}  # before the model loads
     pool, held = split_train(Path(args.data_dir), work)
     base, tokenizer = load_model(args.model).eval(), load_tokenizer(args.model)
     common = dict(model=args.model, task="sst2", train_file=str(pool), objective="candidates", trainable="lora",
@@ -141,7 +170,8 @@ def run(args) -> int:
     device = resolve_device(args.device)
     base.to(device)
     common["device"] = str(device)
-    report = {"args": vars(args), "sweep": {}, "runs": {}, "memory": {}, "environment": environment(device, "float32")}
+    report = {"args": vars(args), "sweep": {}, "runs": previous.get("runs", {}), "memory": previous.get("memory", {}),
+              "environment": environment(device, "float32"), "resumed": bool(previous)}
 
     def train(name: str, seed: int, lr: float, eps: float, steps: int, dev_file: Path, n_dev: int, eval_every: int):
         fields = dict(VARIANTS[name])
@@ -161,7 +191,7 @@ def run(args) -> int:
     dev_file = Path(args.data_dir) / "SST-2" / "dev.tsv"
     with torch.no_grad():  # zero-shot: the fp32 base on the dev examples every run scores
         dev = tasks.sample_per_class(tasks.read_examples(dev_file, tasks.SST2), 0, 1)[: args.n_dev]
-        report["zero_shot"] = tasks.accuracy(base, tokenizer, tasks.SST2, dev)
+        report["zero_shot"] = previous.get("zero_shot") or tasks.accuracy(base, tokenizer, tasks.SST2, dev)
     print(f"zero-shot fp32: {report['zero_shot']:.4f}", flush=True)
 
     chosen = {}
@@ -169,13 +199,19 @@ def run(args) -> int:
         family = "adamw" if VARIANTS[name]["method"] == "adamw" else "zo"
         candidates = SWEEP[family][:1] if args.quick else SWEEP[family]
         scores = []
+        done = {(c["lr"], c["eps"]): c for c in previous.get("sweep", {}).get(name, {}).get("candidates", [])}
         for lr, eps in (candidates if args.sweep_steps else []):
+            if (lr, eps) in done:
+                scores.append(done[(lr, eps)])
+                continue
             t0 = time.perf_counter()
             result = train(name, 0, lr, eps, args.sweep_steps, held, args.n_heldout, args.sweep_steps)
             scores.append({"lr": lr, "eps": eps, "heldout_acc": result["final"]["dev_acc"],
                            "seconds": time.perf_counter() - t0})
             print(f"sweep {name} lr {lr:g} eps {eps:g}: held-out acc {scores[-1]['heldout_acc']:.4f} "
                   f"({scores[-1]['seconds']:.0f} s)", flush=True)
+            report["sweep"][name] = {"candidates": scores}  # saved per candidate, so --resume loses little
+            save()
         best = max(scores, key=lambda s: s["heldout_acc"]) if scores else {"lr": SWEEP[family][0][0], "eps": SWEEP[family][0][1]}
         chosen[name] = (best["lr"], best["eps"])
         report["sweep"][name] = {"candidates": scores, "chosen": {"lr": best["lr"], "eps": best["eps"]}}
@@ -184,6 +220,8 @@ def run(args) -> int:
     batch = tasks.sample_per_class(tasks.read_examples(pool, tasks.SST2), args.batch_size // 2, 0)
     for seed in args.seeds:  # seeds outermost: a cut-short bench still has every variant at the first seeds
         for name in args.variants:
+            if str(seed) in report["runs"].get(name, {}):
+                continue  # resumed
             t0 = time.perf_counter()
             result = train(name, seed, *chosen[name], args.steps, dev_file, args.n_dev, args.eval_every)
             history = result["history"]
@@ -196,7 +234,7 @@ def run(args) -> int:
             print(f"{name} seed {seed}: {curve} ({time.perf_counter() - t0:.0f} s)", flush=True)
             del result
             save()
-    report["total_seconds"] = time.perf_counter() - t_start
+    report["total_seconds"] = previous.get("total_seconds", 0.0) + time.perf_counter() - t_start
     save()
     print_tables(report, args)
     plot(report, out / "sst2.png")
@@ -208,9 +246,9 @@ def print_tables(report: dict, args) -> None:
     """The sweep and the results as Markdown tables."""
     print(f"\nSST-2, {args.model}, LoRA r{args.lora_rank}, batch {args.batch_size}, {args.k_shot}-shot, "
           f"{args.steps} steps, seeds {args.seeds}, {args.n_dev} dev examples, objective candidates; "
-          f"{report['total_seconds'] / 60:.0f} min in all\n")
+          f"{report['total_seconds'] / 60:.0f} min in all{' (resumed: the runs before the restart not counted)' if report.get('resumed') else ''}\n")
     print("| variant | sweep: lr / eps -> held-out acc | chosen |\n|---|---|---|")
-    for name, s in report["sweep"].items():
+    for name, s in ordered(report["sweep"]):
         cells = ", ".join(f"{c['lr']:g} / {c['eps']:g} -> {c['heldout_acc']:.3f}" for c in s["candidates"])
         print(f"| {name} | {cells or '-'} | {s['chosen']['lr']:g} / {s['chosen']['eps']:g} |")
     mezo = report["runs"].get("mezo-fp32")
@@ -220,7 +258,7 @@ def print_tables(report: dict, args) -> None:
           "| peak MB | vs AdamW fp32 | s/step |")
     print("|---|---|---|---|---|---|---|---|---|")
     print(f"| zero-shot fp32 | - | {report['zero_shot']:.3f} | - | - | - | - | - | - |")
-    for name, seeds in report["runs"].items():
+    for name, seeds in ordered(report["runs"]):
         finals = [r["curve"][-1][1] for r in seeds.values()]
         m, s = mean_std(finals)
         mem = report["memory"].get(name, {}).get("peak_mb")
@@ -243,7 +281,7 @@ def plot(report: dict, path: Path) -> None:
     from colafx.files import atomic_write_bytes
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
-    for name, seeds in report["runs"].items():
+    for name, seeds in ordered(report["runs"]):
         curves = [r["curve"] for r in seeds.values()]
         steps = [s for s, _ in curves[0]]
         stats = [mean_std([c[i][1] for c in curves]) for i in range(len(steps))]

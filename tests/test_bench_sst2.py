@@ -35,3 +35,21 @@ def test_table_reports_mean_std_over_seeds_and_memory_ratios(tmp_path, capsys):
     assert "| mezo-fp32 | 0.001 / 0.01 -> 0.600 | 0.001 / 0.01 |" in out
     bench.plot(report, tmp_path / "sst2.png")
     assert (tmp_path / "sst2.png").stat().st_size > 5000
+
+
+def test_resume_refuses_a_report_made_with_other_arguments(tmp_path):
+    import json
+
+    import pytest
+
+    bench = _bench()
+    args = bench.main.__globals__["argparse"].Namespace(
+        model="smollm2", steps=40, eval_every=20, sweep_steps=20, n_heldout=128, batch_size=16, k_shot=16,
+        n_dev=256, lora_rank=8, int4_group_size=64)
+    assert bench.load_previous(tmp_path / "none.json", args) == {}
+    path = tmp_path / "sst2.json"
+    path.write_text(json.dumps({"args": {**vars(args), "steps": 100}, "runs": {"mezo-fp32": {}}}))
+    with pytest.raises(SystemExit, match="other steps"):
+        bench.load_previous(path, args)
+    path.write_text(json.dumps({"args": vars(args), "runs": {"mezo-fp32": {"0": {}}}}))
+    assert bench.load_previous(path, args)["runs"] == {"mezo-fp32": {"0": {}}}
