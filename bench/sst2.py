@@ -8,7 +8,7 @@ k-shot training sets (one per seed), batches and dev examples. Variants: MeZO on
 on a W8A8 / W4A8 base (forward passes only), AdamW on the fp32 base and AdamW on a W8A8 / W4A8 base
 (backprop through the quantized forward with the straight-through estimator: the quantized
 first-order baseline QuZO is compared with). LR and ε per variant are picked by a sweep of
-``--sweep-steps`` steps (seed 0) scored on held-out training examples (the last ``HELDOUT`` rows of
+``--sweep-steps`` steps (default: as long as the runs; seed 0) scored on held-out training examples (the last ``HELDOUT`` rows of
 train.tsv, never used for training and never the dev set). Peak memory per variant is measured as
 ``bench/zo_memory.py`` does (resident tensors + the profiled peak of one step).
 Writes ``sst2.json`` (every seed's curve, the sweep, memory) and ``sst2.png`` (mean ± std) to ``--out``.
@@ -34,7 +34,7 @@ VARIANTS = {  # name -> FinetuneConfig fields
     "adamw-int4": dict(method="adamw", bits=4, quantize_base=True),
 }
 SWEEP = {  # (lr, eps) candidates per method family
-    "zo": [(1e-3, 1e-2), (3e-3, 1e-2), (3e-3, 4e-2)],
+    "zo": [(1e-3, 1e-2), (1e-3, 4e-2), (3e-3, 4e-2)],
     "adamw": [(3e-4, 0.0), (1e-3, 0.0)],
 }
 HELDOUT = 2000  # last rows of train.tsv: the sweep's scoring set (no run trains on them)
@@ -128,7 +128,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (k-shot sets, batches, u)")
     parser.add_argument("--steps", type=int, default=40, help="steps per run (every variant)")
     parser.add_argument("--eval-every", type=int, default=20, help="dev evaluation every N steps")
-    parser.add_argument("--sweep-steps", type=int, default=20, help="steps per sweep run (0: no sweep, first candidate)")
+    parser.add_argument("--sweep-steps", type=int, default=None,
+                        help="steps per sweep run (default: --steps, so a LR that diverges later is not picked; "
+                             "0: no sweep, the first candidate)")
     parser.add_argument("--n-heldout", type=int, default=128, help="held-out training examples scoring the sweep")
     parser.add_argument("--batch-size", type=int, default=16, help="examples per step")
     parser.add_argument("--k-shot", type=int, default=16, help="training examples per class")
@@ -146,6 +148,8 @@ def main(argv=None) -> int:
     if args.quick:
         args.seeds, args.steps, args.eval_every, args.n_dev, args.n_heldout = [0], 4, 2, 16, 16
         args.sweep_steps = 2
+    if args.sweep_steps is None:
+        args.sweep_steps = args.steps
     return run(args)
 
 
