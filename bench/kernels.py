@@ -18,7 +18,8 @@ all of them once, in turn) and the median is reported, because the machine is sh
 Then the in-place ZO perturbation's throughput (weight bytes/s) against MeZO's reference
 perturbation (``torch.manual_seed``; ``p.add_(torch.randn_like(p), alpha=eps)``), and the
 quantization error (SQNR dB vs the fp32 product) of W8A8 exact, W8A8 with 7-bit activations
-(``onednn_a7``, the default on CPUs without VNNI/AMX), FBGEMM, W4A8 and W4A16. On CUDA it times the
+(the codes of ``onednn_a7`` / ``fbgemm_a7``, the default on CPUs without VNNI/AMX), FBGEMM, W4A8
+and W4A16. On CUDA it times the
 Triton kernels against cuBLAS fp16 and ``torch._int_mm`` (else prints "no CUDA").
 Prints the CPU's features; writes ``kernels.json`` and ``kernels.png``.
 """
@@ -33,7 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from colafx.kernels import int4_linear, int8_linear, quantize_act_int8, quantize_weight
-from colafx.kernels.qmatmul import cpu_int8_backend, int8_gemm_cpu, set_cpu_int8_backend
+from colafx.kernels.qmatmul import cpu_act_qmax, cpu_int8_backend, int8_gemm_cpu, set_cpu_int8_backend
+from colafx.kernels.quant import quantize_tokens
 from colafx.transform.quantize import sqnr_db
 
 
@@ -50,8 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (1: on a shared 2-core machine a second OpenMP thread "
                         "mostly measures the scheduler)")
-    p.add_argument("--backend", choices=["auto", "int_mm", "onednn", "onednn_a7"], default="auto",
-                   help="CPU int8 GEMM behind int8_linear (auto: onednn with VNNI/AMX, else onednn_a7)")
+    p.add_argument("--backend", choices=["auto", "int_mm", "onednn", "onednn_a7", "fbgemm_a7"], default="auto",
+                   help="CPU int8 GEMM behind int8_linear (auto: onednn with VNNI/AMX, else fbgemm_a7)")
     p.add_argument("--int4-max-tokens", type=int, default=512,
                    help="time ATen's int4 kernel and W4A16 up to this many tokens (slow beyond)")
     p.add_argument("--sqnr-tokens", type=int, default=256, help="rows of x for the SQNR table")
@@ -79,7 +81,8 @@ def sample(fn, min_time: float) -> float:
 def interleaved(fns: dict, repeats: int, min_time: float) -> dict:
     """Median seconds per call of each ``fns[name]``, the variants taking turns in every repeat."""
     for fn in fns.values():
-        fn()  # warm-up (oneDNN weight prepacking, allocator)
+        fn()  # warm-up: allocator, and weights are prepacked on their second unchanged use
+        fn()
     times = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
@@ -122,7 +125,7 @@ def cpu_rows(args) -> list[dict]:
             x, w = llama_like(m, d, seed=d + m)
             xb = x.bfloat16()
             qw, q4, q4g = quantize_weight(w, 8), quantize_weight(w, 4), quantize_weight(w, 4, args.group_size)
-            qx, _ = quantize_act_int8(x)
+            qx, _ = quantize_tokens(x, cpu_act_qmax())  # the codes int8_linear feeds this backend
             peer, int4_peer = fbgemm_linear(w), aten_int4(w, args.group_size)
             g = args.group_size
             fns = {"fp32": lambda: F.linear(x, w),
@@ -185,13 +188,16 @@ def sqnr_rows(args, device="cpu") -> list[dict]:
         ref = x @ w.t()
         q8, q4c, q4g = quantize_weight(w, 8), quantize_weight(w, 4), quantize_weight(w, 4, args.group_size)
         g = args.group_size
-        row = {"d": d, "w8a8": sqnr_db(ref, int8_linear(x, q8.qweight, q8.scale))}
-        if device == "cpu":
+        if device == "cpu":  # exact W8A8 (8-bit codes) and the 7-bit form, whatever the default
             old = cpu_int8_backend()
+            set_cpu_int8_backend("onednn")
+            row = {"d": d, "w8a8": sqnr_db(ref, int8_linear(x, q8.qweight, q8.scale))}
             set_cpu_int8_backend("onednn_a7")
             row["w8a8_a7"] = sqnr_db(ref, int8_linear(x, q8.qweight, q8.scale))
             set_cpu_int8_backend(old)
             row["fbgemm"] = sqnr_db(ref, fbgemm_linear(w)(x))
+        else:
+            row = {"d": d, "w8a8": sqnr_db(ref, int8_linear(x, q8.qweight, q8.scale))}
         row.update({
             "w8a16": sqnr_db(ref, int8_linear(x, q8.qweight, q8.scale, act_bits=16)),
             "w4a8_channel": sqnr_db(ref, int4_linear(x, q4c.qweight, q4c.scale)),

@@ -14,6 +14,18 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
 @pytest.fixture
+def exact_cpu_int8():
+    """Exact W8A8 on the CPU (8-bit activation codes, as the reference and the ONNX graphs),
+    also on CPUs without VNNI / AMX, whose default is the 7-bit form; restored afterwards."""
+    from colafx.kernels import qmatmul
+
+    old = qmatmul._cpu_backend
+    qmatmul.set_cpu_int8_backend("onednn" if qmatmul._onednn_available() else "int_mm")
+    yield
+    qmatmul.set_cpu_int8_backend(old)
+
+
+@pytest.fixture
 def tiny_model():
     """A fresh llama-tiny (HF LlamaForCausalLM, GQA, vocab 512) with fixed seed."""
     from colafx import presets

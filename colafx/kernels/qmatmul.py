@@ -27,9 +27,16 @@ to the reference, few torch ops) and multiplied by one of three backends (:func:
 * ``"int_mm"`` (exact): ``torch._int_mm`` (fast with VNNI / AMX, a slow loop without).
 * ``"onednn_a7"`` (fast, not exact W8A8): 7-bit activation codes (qmax 63, as FBGEMM's
   ``reduce_range``), ``u8 = q + 64 ≤ 127``: one GEMM, no saturation on AVX2, ~6 dB lower SQNR.
+* ``"fbgemm_a7"``: the same 7-bit per-token codes through FBGEMM's u8·s8 GEMM (what
+  ``quantize_dynamic`` runs; 2-4x faster than oneDNN's on AVX2 at 1-16 tokens). FBGEMM rounds the
+  codes itself (``x / s`` handed over with scale 1, or ``x`` with the token's scale ``s`` at one
+  token: nearest, ties to even), so a code can differ from ``quantize_ref``'s at an exact tie.
+  Only weights used twice unchanged are FBGEMM-packed (packing costs ~5-20 GEMV calls); a weight
+  on its first use or changed in place runs ``"onednn_a7"``.
 
-``"auto"`` (default) picks ``"onednn"`` on CPUs with VNNI / AMX and ``"onednn_a7"`` elsewhere. The
-prepacked weight is cached per weight tensor and its version. With VNNI / AMX a weight is packed
+``"auto"`` (default) picks ``"onednn"`` on CPUs with VNNI / AMX and ``"fbgemm_a7"`` elsewhere
+(``"onednn_a7"`` in builds without FBGEMM). The prepacked weight is cached per weight tensor and
+its version. With VNNI / AMX a weight is packed
 only on its second unchanged use (the first runs ``torch._int_mm``), and a weight changed in place
 (QuZO perturbs weights before every forward) is never kept packed: it runs ``torch._int_mm``.
 Int4 W·A8 per channel: the unpacked int8 codes go through the same GEMM (cached packed, so a
@@ -46,6 +53,8 @@ and get no gradient.
 from __future__ import annotations
 
 import os
+import warnings
+import weakref
 from typing import Optional
 
 import torch
@@ -55,6 +64,7 @@ import triton.language as tl
 
 from .quant import (
     QMAX,
+    SCALE_FLOOR,
     _quantize_rows_triton,
     check_float,
     check_group_size,
@@ -62,6 +72,7 @@ from .quant import (
     dot_mode,
     interpreting,
     quantize_act_int8,
+    quantize_ref,
     quantize_tokens,
     unpack_int4,
     use_triton,
@@ -78,9 +89,10 @@ __all__ = [
 ]
 
 
-_CPU_BACKENDS = ("auto", "int_mm", "onednn", "onednn_a7")
+_CPU_BACKENDS = ("auto", "int_mm", "onednn", "onednn_a7", "fbgemm_a7")
 A7_QMAX = 63
-"""Activation qmax of the "onednn_a7" backend (7-bit codes: u8 = q + 64 <= 127 cannot saturate AVX2)."""
+"""Activation qmax of the 7-bit backends (u8 = q + 64 <= 127 cannot saturate AVX2's pair sums)."""
+_A7 = ("onednn_a7", "fbgemm_a7")
 _cpu_backend = os.environ.get("COLAFX_CPU_INT8_BACKEND", "auto")
 _resolved_backend: Optional[str] = None
 
@@ -124,17 +136,19 @@ def _check_linear_inputs(x, qweight, w_scale, bias, act_bits, bits):
 # --------------------------------------------------------------------------------------------
 
 
-def qlinear_ref(x, qweight, w_scale, bias=None, act_bits=8, bits=8):
+def qlinear_ref(x, qweight, w_scale, bias=None, act_bits=8, bits=8, act_qmax=127):
     """Pure-PyTorch reference of the quantized linear (fp64 accumulation of the exact products).
 
     ``qweight`` is int8 [N, K] (bits 8) or packed uint8 [N, K // 2] (bits 4). Activations are
-    quantized per token with :func:`quantize_ref` semantics when ``act_bits=8``. Returns x's dtype.
+    quantized per token with :func:`quantize_ref` semantics when ``act_bits=8``, to codes in
+    ``[-act_qmax, act_qmax]`` (63: the CPU's 7-bit backends, see :func:`cpu_act_qmax`). Returns
+    x's dtype.
     """
     q = unpack_int4(qweight) if bits == 4 else qweight
     k, groups = q.shape[1], w_scale.shape[1]
     x2 = x.reshape(-1, k)
     if act_bits == 8:
-        qx, sx = quantize_act_int8(x2.float())
+        qx, sx = quantize_act_int8(x2.float()) if act_qmax == QMAX[8] else quantize_ref(x2.float(), act_qmax)
         xs = qx.double() * sx.double()
     else:
         xs = x2.double()
@@ -329,37 +343,52 @@ def _onednn_available() -> bool:
     return torch.backends.mkldnn.is_available()
 
 
+def _fbgemm_available() -> bool:
+    """True when this torch build has FBGEMM's quantized linear with fp32 output (x86 builds do)."""
+    try:
+        torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32
+    except (AttributeError, RuntimeError):
+        return False
+    return "fbgemm" in torch.backends.quantized.supported_engines
+
+
 def set_cpu_int8_backend(name: str) -> None:
     """Choose the CPU int8 GEMM: "auto" (by CPU features, see the module docstring), "int_mm",
-    "onednn" (both exact) or "onednn_a7" (7-bit activations, not exact W8A8).
+    "onednn" (both exact), "onednn_a7" or "fbgemm_a7" (7-bit activations, not exact W8A8).
 
-    Raises ValueError for an unknown name or a oneDNN backend on a build without oneDNN. Also
-    settable with ``COLAFX_CPU_INT8_BACKEND``.
+    Raises ValueError for an unknown name, a oneDNN backend on a build without oneDNN or
+    "fbgemm_a7" without FBGEMM (it also needs oneDNN for weights changed in place). Also settable
+    with ``COLAFX_CPU_INT8_BACKEND``.
     """
     global _cpu_backend, _resolved_backend
     if name not in _CPU_BACKENDS:
         raise ValueError(f"backend must be one of {_CPU_BACKENDS}, got {name!r}")
-    if name.startswith("onednn") and not _onednn_available():
+    if name in ("onednn", *_A7) and not _onednn_available():
         raise ValueError("this torch build has no oneDNN quantized linear ops")
+    if name == "fbgemm_a7" and not _fbgemm_available():
+        raise ValueError("this torch build has no FBGEMM quantized linear ops")
     _cpu_backend, _resolved_backend = name, None
 
 
 def cpu_int8_backend() -> str:
-    """Return the CPU int8 GEMM backend in use ("int_mm", "onednn" or "onednn_a7"), resolving "auto"."""
+    """Return the CPU int8 GEMM backend in use ("int_mm", "onednn", "onednn_a7" or "fbgemm_a7"),
+    resolving "auto"."""
     global _resolved_backend
     if _resolved_backend is None:
         if _cpu_backend != "auto":
             _resolved_backend = _cpu_backend
         elif not _onednn_available():
             _resolved_backend = "int_mm"
+        elif _has_int8_dot_instructions():
+            _resolved_backend = "onednn"
         else:
-            _resolved_backend = "onednn" if _has_int8_dot_instructions() else "onednn_a7"
+            _resolved_backend = "fbgemm_a7" if _fbgemm_available() else "onednn_a7"
     return _resolved_backend
 
 
 def cpu_act_qmax() -> int:
-    """Largest activation code of the CPU W·A8 path: 63 for "onednn_a7", else 127."""
-    return A7_QMAX if cpu_int8_backend() == "onednn_a7" else QMAX[8]
+    """Largest activation code of the CPU W·A8 path: 63 for the 7-bit backends, else 127."""
+    return A7_QMAX if cpu_int8_backend() in _A7 else QMAX[8]
 
 
 def _has_int8_dot_instructions() -> bool:
@@ -383,7 +412,6 @@ def _cache_entry(weight: torch.Tensor):
 
 def _cache_put(weight: torch.Tensor, entry: tuple) -> None:
     """Store ``(version, shape, packed)`` for ``weight``; dropped when the weight is freed."""
-    import weakref
 
     key = id(weight)
     old = _PACKED.get(key)
@@ -437,6 +465,62 @@ def _onednn_linear(x: torch.Tensor, zero_point: int, packed: torch.Tensor, w_sca
     )
 
 
+_FBGEMM: dict = {}  # id(weight) -> (weakref to it, version, shape, FBGEMM packed weight or None)
+
+
+def _fbgemm_packed(qweight: torch.Tensor):
+    """The cached FBGEMM-packed weight of ``qweight`` if it is current, else None (the hot path)."""
+    hit = _FBGEMM.get(id(qweight))
+    if hit is None or hit[3] is None or hit[0]() is not qweight:
+        return None
+    try:
+        return hit[3] if hit[1] == qweight._version else None
+    except RuntimeError:  # inference tensor: no version counter, never cached
+        return None
+
+
+def _fbgemm_weight(codes, shape: torch.Size, w_scale: torch.Tensor, cache_key: Optional[torch.Tensor]):
+    """FBGEMM's packed per-channel int8 weight for ``codes()`` ([N, K] = ``shape``) with scales
+    ``w_scale`` [N, 1], or None: packed only on the second unchanged use of ``cache_key`` (by its
+    version counter), never for a weight that changed in place (see :func:`_onednn_weight`)."""
+    version = None if cache_key is None else _tensor_version(cache_key)
+    if version is None:
+        return None
+    key = id(cache_key)
+    hit = _FBGEMM.get(key)
+    if hit is None or hit[0]() is not cache_key:
+        ref = weakref.ref(cache_key, lambda _, k=key: _FBGEMM.pop(k, None))
+        _FBGEMM[key] = (ref, version, shape, None)
+        return None
+    if hit[1] != version or hit[2] != shape:  # changed in place (or never seen unchanged): never pack
+        _FBGEMM[key] = (hit[0], None, None, None)
+        return None
+    if hit[3] is None:  # second use, unchanged: pack and keep
+        old_engine = torch.backends.quantized.engine
+        try:
+            torch.backends.quantized.engine = "fbgemm"
+            with warnings.catch_warnings():  # quantized-tensor constructors are deprecated; FBGEMM's op takes one
+                warnings.simplefilter("ignore")
+                qw = torch._make_per_channel_quantized_tensor(
+                    codes(), w_scale.reshape(-1).double(), torch.zeros(shape[0], dtype=torch.int64), 0)
+                packed = torch.ops.quantized.linear_prepack(qw, None)
+        finally:
+            torch.backends.quantized.engine = old_engine
+        _FBGEMM[key] = hit = (hit[0], version, shape, packed)
+    return hit[3]
+
+
+def _fbgemm_a7_linear(x2: torch.Tensor, packed) -> torch.Tensor:
+    """``(q(x) · Wᵀ) · w_scale · amax / 63`` as fp32 [M, N] through FBGEMM: 7-bit per-token codes
+    ``q = round(63 · x / amax)`` (amax per token), rounded by FBGEMM's quantizer (ties to even)."""
+    # the packet's C++ entry: skips the Python check for fake script objects (~10 us; eager only)
+    fbgemm = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32._op
+    if x2.shape[0] == 1:  # one token: its scale is the tensor's, FBGEMM quantizes with it directly
+        return fbgemm(x2.contiguous(), max(float(x2.abs().max()), SCALE_FLOOR) / A7_QMAX, 64, packed)
+    amax = x2.abs().amax(dim=-1, keepdim=True).clamp_min_(SCALE_FLOOR)
+    return fbgemm(x2 / amax, 1.0 / A7_QMAX, 64, packed).mul_(amax)
+
+
 def _scaled_gemm(qx: torch.Tensor, codes, shape: torch.Size, w_scale: torch.Tensor, name: str,
                  cache_key: Optional[torch.Tensor]) -> torch.Tensor:
     """``(qx · Wᵀ) · w_scale[n]`` as fp32 [M, N]; qx int8 contiguous, ``codes()`` the int8 weight
@@ -447,7 +531,7 @@ def _scaled_gemm(qx: torch.Tensor, codes, shape: torch.Size, w_scale: torch.Tens
     packed, zeros = _onednn_weight(codes, shape, cache_key, lazy=dot)
     if packed is None:  # VNNI / AMX: torch._int_mm is exact and fast without packing
         return torch.mul(torch._int_mm(qx, codes().t()), w_scale)
-    if name == "onednn_a7":  # u8 = q + 64 <= 127: AVX2's int16 pair sums of u8·s8 cannot saturate
+    if name in _A7:  # u8 = q + 64 <= 127: AVX2's int16 pair sums of u8·s8 cannot saturate
         return _onednn_linear(qx.add(64).view(torch.uint8), 64, packed, w_scale, zeros)
     if dot:  # s8 activations: VNNI / AMX dot products accumulate in int32
         return _onednn_linear(qx, 0, packed, w_scale, zeros)
@@ -464,11 +548,11 @@ def int8_gemm_cpu(qx: torch.Tensor, qw: torch.Tensor, backend: Optional[str] = N
     """Return ``qx @ qw.T`` (int8 [M, K] × int8 [N, K]) as fp32 [M, N] on the CPU, times
     ``w_scale`` (fp32 [N], per output channel) when given.
 
-    Exact (int32 accumulation) for "int_mm" and "onednn"; "onednn_a7" is exact for qx in
-    [-64, 63] (its 7-bit activation codes). ``backend`` defaults to :func:`cpu_int8_backend`.
+    Exact (int32 accumulation) for "int_mm" and "onednn"; the 7-bit backends are exact for qx in
+    [-64, 63] (their activation codes; both run oneDNN's GEMM here, codes being given). ``backend`` defaults to :func:`cpu_int8_backend`.
     ``cache_key`` (a persistent weight tensor) enables caching of the oneDNN prepacked weight.
     Raises TypeError for non-int8 inputs and ValueError for mismatched K, an unknown backend or
-    codes outside [-64, 63] for "onednn_a7".
+    codes outside [-64, 63] for a 7-bit backend.
     """
     if qx.dtype != torch.int8 or qw.dtype != torch.int8:
         raise TypeError(f"int8_gemm_cpu needs int8 inputs, got {qx.dtype} and {qw.dtype}")
@@ -477,8 +561,8 @@ def int8_gemm_cpu(qx: torch.Tensor, qw: torch.Tensor, backend: Optional[str] = N
     name = backend or cpu_int8_backend()
     if name not in _CPU_BACKENDS[1:]:
         raise ValueError(f"backend must be one of {_CPU_BACKENDS[1:]}, got {name!r}")
-    if name == "onednn_a7" and qx.numel() and not -64 <= int(qx.min()) <= int(qx.max()) <= 63:
-        raise ValueError("backend 'onednn_a7' takes activation codes in [-64, 63]")
+    if name in _A7 and qx.numel() and not -64 <= int(qx.min()) <= int(qx.max()) <= 63:
+        raise ValueError(f"backend {name!r} takes activation codes in [-64, 63]")
     n = qw.shape[0]
     scale = torch.ones(n) if w_scale is None else w_scale.reshape(n).float()
     if qx.shape[0] == 0 or n == 0 or qx.shape[1] == 0:
@@ -536,7 +620,7 @@ def _qlinear_cpu(x, qweight, w_scale, bias, act_bits, bits):
     n = qweight.shape[0]
     k = x.shape[-1]
     groups = w_scale.shape[1]
-    x2 = x.reshape(-1, k)
+    x2 = x if x.dim() == 2 else x.reshape(-1, k)
     if act_bits == 16:
         out = _aten_int4_linear(x2, qweight, w_scale) if bits == 4 else None
         if out is None:
@@ -546,18 +630,32 @@ def _qlinear_cpu(x, qweight, w_scale, bias, act_bits, bits):
             out = out + bias.to(x.dtype)
         return out.reshape(*x.shape[:-1], n)
     name = cpu_int8_backend()
-    qx, sx = quantize_tokens(x2, A7_QMAX if name == "onednn_a7" else QMAX[8])
-    if groups == 1 and qx.numel() and n:
-        def codes():
-            return (unpack_int4(qweight) if bits == 4 else qweight).contiguous()
+    packed = _fbgemm_packed(qweight) if name == "fbgemm_a7" else None
+    if packed is not None and x2.shape[0]:
+        return _epilogue(_fbgemm_a7_linear(x2.float(), packed), x, bias, n)
 
-        acc = _scaled_gemm(qx, codes, torch.Size((n, k)), w_scale.reshape(n), name, qweight)
+    def codes():
+        return (unpack_int4(qweight) if bits == 4 else qweight).contiguous()
+
+    shape = torch.Size((n, k))
+    if name == "fbgemm_a7" and groups == 1 and x2.shape[0]:  # packed on its second unchanged use
+        packed = _fbgemm_weight(codes, shape, w_scale, qweight)
+        if packed is not None:
+            return _epilogue(_fbgemm_a7_linear(x2.float(), packed), x, bias, n)
+    qx, sx = quantize_tokens(x2, A7_QMAX if name in _A7 else QMAX[8])
+    if groups == 1 and qx.numel() and n:
+        cache_key = None if name == "fbgemm_a7" else qweight  # fbgemm_a7 keeps no oneDNN copy
+        acc = _scaled_gemm(qx, codes, shape, w_scale.reshape(n), name, cache_key)
     elif groups == 1:
         acc = torch.zeros(qx.shape[0], n)
     else:  # Σ_g sw[n, g]·(qx_g · q_gᵀ) = qx · dequant(W)ᵀ: one fp32 GEMM on the codes, no loop over groups
         q = unpack_int4(qweight) if bits == 4 else qweight
         acc = F.linear(qx.float(), dequantize_ref(q, w_scale))
-    acc.mul_(sx)
+    return _epilogue(acc.mul_(sx), x, bias, n)
+
+
+def _epilogue(acc: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor], n: int) -> torch.Tensor:
+    """fp32 [M, N] ``acc`` (+ bias) in x's dtype and leading shape."""
     if bias is not None:
         acc.add_(bias.float())
     out = acc if x.dtype == torch.float32 else acc.to(x.dtype)

@@ -67,7 +67,7 @@ def _run_onnx(module, x, tmp_path, **table_kwargs):
         (66, 4, None, 16, "contrib", "MatMul", 1e-5),  # K has no power-of-two block: in-graph dequant
     ],
 )
-def test_export_runs_in_onnxruntime_with_parity(tmp_path, k, bits, group_size, act_bits, onnx_ops, expect_op, tol):
+def test_export_runs_in_onnxruntime_with_parity(exact_cpu_int8, tmp_path, k, bits, group_size, act_bits, onnx_ops, expect_op, tol):
     module = Block(k, 24, bits, group_size, act_bits).eval()
     ops, run = _run_onnx(module, torch.randn(2, 5, k), tmp_path, ops=onnx_ops)
     assert expect_op in ops and "Sigmoid" in ops

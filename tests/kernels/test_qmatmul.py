@@ -62,11 +62,49 @@ def test_triton_kernel_matches_ref(m, dtype, bits, k, group_size, act_bits):
     "m, dtype", [(1, torch.float32), (7, torch.float32), (129, torch.float32), (7, torch.bfloat16)]
 )
 def test_cpu_op_matches_ref(m, dtype, bits, k, group_size, act_bits):
+    """The default CPU backend against the reference with its activation codes (7-bit on CPUs
+    without VNNI / AMX)."""
     x, qw, b = _case(m, k, bits, group_size, dtype)
-    ref = qlinear_ref(x, qw.qweight, qw.scale, b, act_bits, bits)
-    for _ in range(2):  # first use (unpacked weight), then the cached prepacked one
+    ref = qlinear_ref(x, qw.qweight, qw.scale, b, act_bits, bits, act_qmax=qmatmul.cpu_act_qmax())
+    for _ in range(3):  # first use (unpacked weight), then packed on the second, then cached
         out = _linear(x, qw, b, act_bits)
         assert out.dtype == dtype and out.shape == (m, N)
+        assert rel_err(out, ref) <= _tol(dtype)
+
+
+def _available_backends():
+    names = ["int_mm"]
+    if qmatmul._onednn_available():
+        names += ["onednn", "onednn_a7"]
+        if qmatmul._fbgemm_available():
+            names.append("fbgemm_a7")
+    return names
+
+
+@pytest.fixture(params=_available_backends())
+def cpu_backend(request):
+    """Each CPU int8 backend this torch build has, restored afterwards."""
+    old = qmatmul._cpu_backend
+    qmatmul.set_cpu_int8_backend(request.param)
+    yield request.param
+    qmatmul.set_cpu_int8_backend(old)
+
+
+@pytest.mark.parametrize("bits, k, group_size", WEIGHTS)
+@pytest.mark.parametrize("shape, dtype", [((1, -1), torch.float32), ((129, -1), torch.float32),
+                                          ((2, 3, -1), torch.float32), ((7, -1), torch.bfloat16)])
+def test_cpu_w_a8_matches_its_reference_on_every_backend(cpu_backend, shape, dtype, bits, k, group_size):
+    """Every backend, odd K and N, one token / many / a 3-D batch, on the weight's first use,
+    its packing use and cached: equal to the reference with the backend's activation codes."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(*shape[:-1], k, generator=gen).to(dtype)
+    qw = quantize_weight(torch.randn(N, k, generator=gen) / k**0.5, bits, group_size)
+    b = torch.randn(N, generator=gen)
+    qmax = qmatmul.A7_QMAX if cpu_backend.endswith("_a7") else 127
+    ref = qlinear_ref(x, qw.qweight, qw.scale, b, 8, bits, act_qmax=qmax)
+    for _ in range(3):
+        out = _linear(x, qw, b, 8)
+        assert out.dtype == dtype and out.shape == (*shape[:-1], N)
         assert rel_err(out, ref) <= _tol(dtype)
 
 
@@ -91,7 +129,7 @@ def test_group_without_a_k_tile_falls_back_to_ref(force_triton):
 
 @pytest.mark.parametrize("act_bits", [8, 16])
 @pytest.mark.parametrize("bits, group_size", [(8, None), (8, 32), (4, None), (4, 32)])
-def test_sqnr_against_fp32_linear(bits, group_size, act_bits):
+def test_sqnr_against_fp32_linear(exact_cpu_int8, bits, group_size, act_bits):
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(64, 256, generator=gen)
     w = torch.randn(128, 256, generator=gen) / 16
@@ -137,23 +175,56 @@ def test_onednn_a7_gemm_is_exact_for_7_bit_codes_and_rejects_8_bit_ones(m, k, n)
 
 
 @pytest.mark.skipif(not qmatmul._onednn_available(), reason="torch build without oneDNN int8 ops")
-def test_onednn_a7_linear_matches_a_7_bit_activation_reference_and_loses_sqnr():
-    """The non-exact fast form: per-token 7-bit codes (qmax 63); compared with its own reference,
-    and its SQNR against fp32 is below the exact W8A8's (by ~6 dB: one bit)."""
+@pytest.mark.skipif(not qmatmul._onednn_available(), reason="torch build without oneDNN int8 ops")
+@pytest.mark.parametrize("backend", ["onednn_a7", "fbgemm_a7"])
+def test_7_bit_linear_matches_a_7_bit_activation_reference_and_loses_sqnr(backend):
+    """The non-exact fast forms: per-token 7-bit codes (qmax 63); compared with their own
+    reference, and their SQNR against fp32 is below the exact W8A8's (by ~6 dB: one bit)."""
+    if backend == "fbgemm_a7" and not qmatmul._fbgemm_available():
+        pytest.skip("torch build without FBGEMM")
     gen = torch.Generator().manual_seed(3)
     x, w = torch.randn(65, 96, generator=gen), torch.randn(45, 96, generator=gen) / 10
     qw = quantize_weight(w, 8)
     old = qmatmul._cpu_backend
     try:
-        qmatmul.set_cpu_int8_backend("onednn_a7")
-        out = int8_linear(x, qw.qweight, qw.scale)
+        qmatmul.set_cpu_int8_backend(backend)
+        outs = [int8_linear(x, qw.qweight, qw.scale) for _ in range(3)]  # oneDNN, then FBGEMM-packed
+        qmatmul.set_cpu_int8_backend("onednn")
+        exact = int8_linear(x, qw.qweight, qw.scale)
     finally:
         qmatmul.set_cpu_int8_backend(old)
     qx, sx = quantize_ref(x, qmatmul.A7_QMAX)
     ref = (qx.double() * sx.double()) @ dequantize_ref(qw.qweight, qw.scale).double().T
-    assert rel_err(out, ref) <= REL_TOL[torch.float32]
-    exact = int8_linear(x, qw.qweight, qw.scale)
-    assert sqnr_db(out, F.linear(x, w)) < sqnr_db(exact, F.linear(x, w)) - 3
+    for out in outs:
+        assert rel_err(out, ref) <= REL_TOL[torch.float32]
+    assert sqnr_db(outs[-1], F.linear(x, w)) < sqnr_db(exact, F.linear(x, w)) - 3
+
+
+@pytest.mark.skipif(not (qmatmul._onednn_available() and qmatmul._fbgemm_available()),
+                    reason="torch build without oneDNN / FBGEMM int8 ops")
+def test_fbgemm_a7_packs_only_weights_used_twice_unchanged_and_follows_in_place_updates():
+    """A constant weight is FBGEMM-packed on its second use; a weight changed in place (QuZO)
+    is never packed (no second copy), runs oneDNN, and its results follow every change."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 64, generator=gen)
+    const = quantize_weight(torch.randn(32, 64, generator=gen), 8, qmax=ZO_QMAX[8])
+    moving = quantize_weight(torch.randn(32, 64, generator=gen), 8, qmax=ZO_QMAX[8])
+    old = qmatmul._cpu_backend
+    try:
+        qmatmul.set_cpu_int8_backend("fbgemm_a7")
+        for _ in range(2):
+            int8_linear(x, const.qweight, const.scale)
+        assert qmatmul._fbgemm_packed(const.qweight) is not None
+        for seed in range(3):
+            int8_linear(x, moving.qweight, moving.scale)
+            zo_perturb_int_(moving.qweight, moving.scale, seed=seed + 1, eps=0.05, sign=1, bits=8)
+            out = int8_linear(x, moving.qweight, moving.scale)
+            ref = qlinear_ref(x, moving.qweight, moving.scale, act_qmax=qmatmul.A7_QMAX)
+            assert rel_err(out, ref) <= REL_TOL[torch.float32]
+            assert qmatmul._fbgemm_packed(moving.qweight) is None
+        assert qmatmul._FBGEMM[id(moving.qweight)][3] is None
+    finally:
+        qmatmul.set_cpu_int8_backend(old)
 
 
 def test_cached_weight_follows_in_place_updates():
@@ -165,7 +236,7 @@ def test_cached_weight_follows_in_place_updates():
         before = int8_linear(x, qw.qweight, qw.scale)
     zo_perturb_int_(qw.qweight, qw.scale, seed=1, eps=0.05, sign=1, bits=8)
     after = int8_linear(x, qw.qweight, qw.scale)
-    ref = qlinear_ref(x, qw.qweight, qw.scale)
+    ref = qlinear_ref(x, qw.qweight, qw.scale, act_qmax=qmatmul.cpu_act_qmax())
     assert not torch.equal(before, after)
     assert rel_err(after, ref) <= REL_TOL[torch.float32]
 
@@ -222,7 +293,7 @@ def test_backend_selection():
         qmatmul.set_cpu_int8_backend("int_mm")
         assert qmatmul.cpu_int8_backend() == "int_mm"
         qmatmul.set_cpu_int8_backend("auto")
-        assert qmatmul.cpu_int8_backend() in ("int_mm", "onednn", "onednn_a7")
+        assert qmatmul.cpu_int8_backend() in ("int_mm", "onednn", "onednn_a7", "fbgemm_a7")
     finally:
         qmatmul.set_cpu_int8_backend(old)
 
@@ -230,7 +301,7 @@ def test_backend_selection():
 @pytest.mark.parametrize("vnni", [False, True])
 def test_auto_backend_is_exact_only_with_int8_dot_instructions(monkeypatch, vnni):
     """With VNNI / AMX the exact s8 GEMM is fast: "auto" picks "onednn"; without, exactness costs a
-    second GEMM, so "auto" picks the 7-bit-activation form."""
+    second GEMM, so "auto" picks the 7-bit-activation form (through FBGEMM where the build has it)."""
     if not qmatmul._onednn_available():
         pytest.skip("this torch build has no oneDNN quantized linear ops")
     monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: vnni, raising=False)
@@ -238,7 +309,8 @@ def test_auto_backend_is_exact_only_with_int8_dot_instructions(monkeypatch, vnni
     old = qmatmul._cpu_backend
     try:
         qmatmul.set_cpu_int8_backend("auto")
-        assert qmatmul.cpu_int8_backend() == ("onednn" if vnni else "onednn_a7")
+        seven_bit = "fbgemm_a7" if qmatmul._fbgemm_available() else "onednn_a7"
+        assert qmatmul.cpu_int8_backend() == ("onednn" if vnni else seven_bit)
     finally:
         qmatmul.set_cpu_int8_backend(old)
 
@@ -306,6 +378,8 @@ def test_packed_weight_cache_drops_the_entry_of_a_freed_weight():
 def test_eager_call_without_dispatch_equals_the_custom_op(bits, k, group_size):
     """Eager no-grad CPU calls skip torch.ops dispatch: same result as the registered op."""
     x, qw, b = _case(7, k, bits, group_size)
+    for _ in range(2):  # both calls below then find the weight in the same (packed) cache state
+        _linear(x, qw, b, 8)
     for act_bits in (8, 16):
         if bits == 8:
             via_op = torch.ops.colafx.int8_linear(x, qw.qweight, qw.scale, b, act_bits)

@@ -171,7 +171,7 @@ def test_int8_default_export_is_matmulnbits_with_qkv_and_gate_up_merged_close_to
     assert (got.argmax(-1) == expected.argmax(-1)).mean() >= 0.9
 
 
-def test_int8_standard_export_uses_matmulinteger_and_matches_pytorch_int8(int8_export):
+def test_int8_standard_export_uses_matmulinteger_and_matches_pytorch_int8(exact_cpu_int8, int8_export):
     model, path = int8_export
     ops = _op_types(path)
     assert ("ai.onnx", "MatMulInteger") in ops
@@ -196,7 +196,7 @@ def test_int8_standard_export_uses_matmulinteger_and_matches_pytorch_int8(int8_e
     assert torch.equal(lm.generate(ids, 8), expected)
 
 
-def test_int8_export_with_quantized_head_untied_from_a_tied_embedding(int8_export, tmp_path, capsys):
+def test_int8_export_with_quantized_head_untied_from_a_tied_embedding(exact_cpu_int8, int8_export, tmp_path, capsys):
     """--quant-head: the logits head becomes one more MatMulInteger; a tied embedding stays float."""
     _, body_only_path = int8_export
     model = presets.build("llama-tiny", seed=0, tie_word_embeddings=True).eval()
