@@ -74,6 +74,7 @@ from .quant import (
     quantize_act_int8,
     quantize_ref,
     quantize_tokens,
+    row_absmax,
     unpack_int4,
     use_triton,
 )
@@ -517,7 +518,7 @@ def _fbgemm_a7_linear(x2: torch.Tensor, packed) -> torch.Tensor:
     fbgemm = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32._op
     if x2.shape[0] == 1:  # one token: its scale is the tensor's, FBGEMM quantizes with it directly
         return fbgemm(x2.contiguous(), max(float(x2.abs().max()), SCALE_FLOOR) / A7_QMAX, 64, packed)
-    amax = x2.abs().amax(dim=-1, keepdim=True).clamp_min_(SCALE_FLOOR)
+    amax = row_absmax(x2).clamp_min_(SCALE_FLOOR)
     return fbgemm(x2 / amax, 1.0 / A7_QMAX, 64, packed).mul_(amax)
 
 

@@ -31,7 +31,7 @@ weight saturates at the storage limit instead of wrapping around, and may not re
 Clamping ``d`` to ±H biases the perturbation only where ``|ε·u/s| > H`` (rare for ε ~ 1e-3).
 
 Random streams: Triton kernels use Philox ``tl.randn(seed, i)`` / ``tl.rand(seed', i)``; the CPU
-path uses :func:`colafx.kernels.quant.cpu_range` (numpy Philox; u on N(0,1)'s 2¹⁶ quantiles).
+path uses :func:`colafx.kernels.quant.cpu_range` (numpy PCG64DXSM, which jumps to any element; u on N(0,1)'s 2¹⁶ quantiles).
 They differ, each is deterministic.
 """
 
