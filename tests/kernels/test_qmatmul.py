@@ -92,6 +92,7 @@ def cpu_backend(request):
 
 @pytest.mark.parametrize("bits, k, group_size", WEIGHTS)
 @pytest.mark.parametrize("shape, dtype", [((1, -1), torch.float32), ((129, -1), torch.float32),
+                                          ((1000, -1), torch.float32),  # > quant._SMALL elements
                                           ((2, 3, -1), torch.float32), ((7, -1), torch.bfloat16)])
 def test_cpu_w_a8_matches_its_reference_on_every_backend(cpu_backend, shape, dtype, bits, k, group_size):
     """Every backend, odd K and N, one token / many / a 3-D batch, on the weight's first use,
