@@ -18,7 +18,7 @@ two ≥ 32 dividing group_size); other group sizes fall back to the PyTorch refe
 
 CPU (eager calls that need no autograd skip the custom op's dispatch; the ops run the same code):
 activations are quantized per token with :func:`colafx.kernels.quant.quantize_tokens` (bit-identical
-to the reference, few torch ops) and multiplied by one of three backends (:func:`set_cpu_int8_backend`):
+to the reference, few torch ops) and multiplied by one of four backends (:func:`set_cpu_int8_backend`):
 
 * ``"onednn"`` (exact): oneDNN's ``qlinear_pointwise`` on a prepacked weight with the per-channel
   weight scale fused. On CPUs with VNNI / AMX the int8 codes go in directly (int32 dot products);
@@ -29,8 +29,9 @@ to the reference, few torch ops) and multiplied by one of three backends (:func:
   ``reduce_range``), ``u8 = q + 64 ≤ 127``: one GEMM, no saturation on AVX2, ~6 dB lower SQNR.
 * ``"fbgemm_a7"``: the same 7-bit per-token codes through FBGEMM's u8·s8 GEMM (what
   ``quantize_dynamic`` runs; 2-4x faster than oneDNN's on AVX2 at 1-16 tokens). FBGEMM rounds the
-  codes itself (``x / s`` handed over with scale 1, or ``x`` with the token's scale ``s`` at one
-  token: nearest, ties to even), so a code can differ from ``quantize_ref``'s at an exact tie.
+  codes itself (``x / amax`` handed over with scale 1/63, or ``x`` with the token's scale
+  ``amax / 63`` at one token: nearest, ties to even), so a code can differ from
+  ``quantize_ref``'s at an exact tie.
   Only weights used twice unchanged are FBGEMM-packed (packing costs ~5-20 GEMV calls); a weight
   on its first use or changed in place runs ``"onednn_a7"``.
 
@@ -550,7 +551,8 @@ def int8_gemm_cpu(qx: torch.Tensor, qw: torch.Tensor, backend: Optional[str] = N
     ``w_scale`` (fp32 [N], per output channel) when given.
 
     Exact (int32 accumulation) for "int_mm" and "onednn"; the 7-bit backends are exact for qx in
-    [-64, 63] (their activation codes; both run oneDNN's GEMM here, codes being given). ``backend`` defaults to :func:`cpu_int8_backend`.
+    [-64, 63] (their activation codes; given codes, both run oneDNN's GEMM here). ``backend``
+    defaults to :func:`cpu_int8_backend`.
     ``cache_key`` (a persistent weight tensor) enables caching of the oneDNN prepacked weight.
     Raises TypeError for non-int8 inputs and ValueError for mismatched K, an unknown backend or
     codes outside [-64, 63] for a 7-bit backend.
