@@ -32,7 +32,7 @@ to the reference, few torch ops) and multiplied by one of four backends (:func:`
   codes itself (``x / amax`` handed over with scale 1/63, or ``x`` with the token's scale
   ``amax / 63`` at one token: nearest, ties to even), so a code can differ from
   ``quantize_ref``'s at an exact tie.
-  Only weights used twice unchanged are FBGEMM-packed (packing costs ~5-20 GEMV calls); a weight
+  Only weights used twice unchanged are FBGEMM-packed (packing costs 35-105 one-token calls); a weight
   on its first use or changed in place runs ``"onednn_a7"``.
 
 ``"auto"`` (default) picks ``"onednn"`` on CPUs with VNNI / AMX and ``"fbgemm_a7"`` elsewhere
