@@ -633,16 +633,15 @@ def _qlinear_cpu(x, qweight, w_scale, bias, act_bits, bits):
             out = out + bias.to(x.dtype)
         return out.reshape(*x.shape[:-1], n)
     name = cpu_int8_backend()
-    packed = _fbgemm_packed(qweight) if name == "fbgemm_a7" else None
-    if packed is not None and x2.shape[0]:
-        return _epilogue(_fbgemm_a7_linear(x2.float(), packed), x, bias, n)
 
     def codes():
         return (unpack_int4(qweight) if bits == 4 else qweight).contiguous()
 
     shape = torch.Size((n, k))
-    if name == "fbgemm_a7" and groups == 1 and x2.shape[0]:  # packed on its second unchanged use
-        packed = _fbgemm_weight(codes, shape, w_scale, qweight)
+    if name == "fbgemm_a7" and groups == 1 and x2.shape[0]:
+        packed = _fbgemm_packed(qweight)  # the cheap check first: the hot path of a packed weight
+        if packed is None:  # packed on its second unchanged use
+            packed = _fbgemm_weight(codes, shape, w_scale, qweight)
         if packed is not None:
             return _epilogue(_fbgemm_a7_linear(x2.float(), packed), x, bias, n)
     qx, sx = quantize_tokens(x2, A7_QMAX if name in _A7 else QMAX[8])

@@ -176,7 +176,6 @@ def test_onednn_a7_gemm_is_exact_for_7_bit_codes_and_rejects_8_bit_ones(m, k, n)
 
 
 @pytest.mark.skipif(not qmatmul._onednn_available(), reason="torch build without oneDNN int8 ops")
-@pytest.mark.skipif(not qmatmul._onednn_available(), reason="torch build without oneDNN int8 ops")
 @pytest.mark.parametrize("backend", ["onednn_a7", "fbgemm_a7"])
 def test_7_bit_linear_matches_a_7_bit_activation_reference_and_loses_sqnr(backend):
     """The non-exact fast forms: per-token 7-bit codes (qmax 63); compared with their own
