@@ -374,9 +374,11 @@ def set_cpu_int8_backend(name: str) -> None:
 
 def cpu_int8_backend() -> str:
     """Return the CPU int8 GEMM backend in use ("int_mm", "onednn", "onednn_a7" or "fbgemm_a7"),
-    resolving "auto"."""
+    resolving "auto". Raises ValueError for an unknown ``COLAFX_CPU_INT8_BACKEND``."""
     global _resolved_backend
     if _resolved_backend is None:
+        if _cpu_backend not in _CPU_BACKENDS:  # only COLAFX_CPU_INT8_BACKEND can bring one in
+            raise ValueError(f"COLAFX_CPU_INT8_BACKEND must be one of {_CPU_BACKENDS}, got {_cpu_backend!r}")
         if _cpu_backend != "auto":
             _resolved_backend = _cpu_backend
         elif not _onednn_available():

@@ -285,6 +285,13 @@ def test_opcheck():
         torch.library.opcheck(torch.ops.colafx.int4_linear.default, (x, qw4.qweight, qw4.scale, None, 16, act_bits))
 
 
+def test_unknown_backend_from_the_environment_is_an_error_naming_the_variable(monkeypatch):
+    monkeypatch.setattr(qmatmul, "_cpu_backend", "mkl")
+    monkeypatch.setattr(qmatmul, "_resolved_backend", None)
+    with pytest.raises(ValueError, match="COLAFX_CPU_INT8_BACKEND.*'mkl'"):
+        qmatmul.cpu_int8_backend()
+
+
 def test_backend_selection():
     with pytest.raises(ValueError):
         qmatmul.set_cpu_int8_backend("mkl")
