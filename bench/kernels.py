@@ -13,7 +13,8 @@ all of them once, in turn) and the median is reported, because the machine is sh
 * ``w4a8``: ``colafx.kernels.int4_linear``, per-channel int4 weight, int8 activations;
 * ``w4a16``: ``int4_linear`` group 32, weight-only, with bf16 activations, and its peer ``aten_int4``:
   ATen's int4 CPU kernel ``_weight_int4pack_mm_for_cpu`` (bf16; its fp32 path is a slow reference);
-* ``gemm``: the bare int8×int8→int32 GEMM of that backend.
+* ``gemm``: the bare int8×int8→int32 GEMM of that backend (``torch._int_mm`` for ``fbgemm``, whose
+  FBGEMM call takes the codes as floats).
 
 Then the in-place ZO perturbation's throughput (weight bytes/s) against MeZO's reference
 perturbation (``torch.manual_seed``; ``p.add_(torch.randn_like(p), alpha=eps)``), and the
@@ -34,7 +35,8 @@ import torch
 import torch.nn.functional as F
 
 from colafx.kernels import int4_linear, int8_linear, quantize_act_int8, quantize_weight
-from colafx.kernels.qmatmul import cpu_act_qmax, cpu_int8_backend, int8_gemm_cpu, set_cpu_int8_backend
+from colafx.kernels.qmatmul import (CPU_INT8_BACKENDS, cpu_act_qmax, cpu_int8_backend, exact_cpu_int8_backend,
+                                    int8_gemm_cpu, set_cpu_int8_backend, use_cpu_int8_backend)
 from colafx.kernels.quant import quantize_tokens
 from colafx.transform.quantize import sqnr_db
 
@@ -52,8 +54,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (1: on a shared 2-core machine a second OpenMP thread "
                         "mostly measures the scheduler)")
-    p.add_argument("--backend", choices=["auto", "int_mm", "onednn", "onednn_a7", "fbgemm_a7"], default="auto",
-                   help="CPU int8 GEMM behind int8_linear (auto: onednn with VNNI/AMX, else fbgemm_a7)")
+    p.add_argument("--backend", choices=CPU_INT8_BACKENDS, default="auto",
+                   help="CPU int8 GEMM behind int8_linear (auto: onednn with AMX, fbgemm with AVX512-VNNI, "
+                        "else fbgemm_a7)")
     p.add_argument("--int4-max-tokens", type=int, default=512,
                    help="time ATen's int4 kernel and W4A16 up to this many tokens (slow beyond)")
     p.add_argument("--sqnr-tokens", type=int, default=256, help="rows of x for the SQNR table")
@@ -189,12 +192,10 @@ def sqnr_rows(args, device="cpu") -> list[dict]:
         q8, q4c, q4g = quantize_weight(w, 8), quantize_weight(w, 4), quantize_weight(w, 4, args.group_size)
         g = args.group_size
         if device == "cpu":  # exact W8A8 (8-bit codes) and the 7-bit form, whatever the default
-            old = cpu_int8_backend()
-            set_cpu_int8_backend("onednn")
-            row = {"d": d, "w8a8": sqnr_db(ref, int8_linear(x, q8.qweight, q8.scale))}
-            set_cpu_int8_backend("onednn_a7")
-            row["w8a8_a7"] = sqnr_db(ref, int8_linear(x, q8.qweight, q8.scale))
-            set_cpu_int8_backend(old)
+            with use_cpu_int8_backend(exact_cpu_int8_backend()):
+                row = {"d": d, "w8a8": sqnr_db(ref, int8_linear(x, q8.qweight, q8.scale))}
+            with use_cpu_int8_backend("onednn_a7"):
+                row["w8a8_a7"] = sqnr_db(ref, int8_linear(x, q8.qweight, q8.scale))
             row["fbgemm"] = sqnr_db(ref, fbgemm_linear(w)(x))
         else:
             row = {"d": d, "w8a8": sqnr_db(ref, int8_linear(x, q8.qweight, q8.scale))}

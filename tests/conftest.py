@@ -19,10 +19,8 @@ def exact_cpu_int8():
     also on CPUs without VNNI / AMX, whose default is the 7-bit form; restored afterwards."""
     from colafx.kernels import qmatmul
 
-    old = qmatmul._cpu_backend
-    qmatmul.set_cpu_int8_backend("onednn" if qmatmul._onednn_available() else "int_mm")
-    yield
-    qmatmul.set_cpu_int8_backend(old)
+    with qmatmul.use_cpu_int8_backend(qmatmul.exact_cpu_int8_backend()):
+        yield
 
 
 @pytest.fixture

@@ -18,26 +18,31 @@ two ≥ 32 dividing group_size); other group sizes fall back to the PyTorch refe
 
 CPU (eager calls that need no autograd skip the custom op's dispatch; the ops run the same code):
 activations are quantized per token with :func:`colafx.kernels.quant.quantize_tokens` (bit-identical
-to the reference, few torch ops) and multiplied by one of four backends (:func:`set_cpu_int8_backend`):
+to the reference, few torch ops) and multiplied by one of five backends (:func:`set_cpu_int8_backend`):
 
 * ``"onednn"`` (exact): oneDNN's ``qlinear_pointwise`` on a prepacked weight with the per-channel
   weight scale fused. On CPUs with VNNI / AMX the int8 codes go in directly (int32 dot products);
   on AVX2 the activation is split as ``q = lo + hi``, ``lo, hi ∈ [-64, 64]``, so that AVX2's 16-bit
   pair sums (``vpmaddubsw``) cannot saturate: one GEMM on the [2M, K] stacked halves.
 * ``"int_mm"`` (exact): ``torch._int_mm`` (fast with VNNI / AMX, a slow loop without).
+* ``"fbgemm"`` (exact, CPUs with AVX512-VNNI / AMX only): FBGEMM's u8·s8 GEMM (what
+  ``quantize_dynamic`` runs) on the 8-bit per-token codes ``u8 = q + 128``; VNNI's dot products
+  accumulate in int32, so nothing saturates. Without VNNI FBGEMM's AVX2 kernel would saturate its
+  16-bit pair sums, so it is refused there.
 * ``"onednn_a7"`` (fast, not exact W8A8): 7-bit activation codes (qmax 63, as FBGEMM's
   ``reduce_range``), ``u8 = q + 64 ≤ 127``: one GEMM, no saturation on AVX2, ~6 dB lower SQNR.
-* ``"fbgemm_a7"``: the same 7-bit per-token codes through FBGEMM's u8·s8 GEMM (what
-  ``quantize_dynamic`` runs; 2-4x faster than oneDNN's on AVX2 at 1-16 tokens). FBGEMM rounds the
-  codes itself (``x / amax`` handed over with scale 1/63, or ``x`` with the token's scale
-  ``amax / 63`` at one token: nearest, ties to even), so a code can differ from
-  ``quantize_ref``'s at an exact tie.
-  Only weights used twice unchanged are FBGEMM-packed (packing costs 35-105 one-token calls); a weight
-  on its first use or changed in place runs ``"onednn_a7"``.
+* ``"fbgemm_a7"``: the same 7-bit per-token codes through FBGEMM's u8·s8 GEMM (2-4x faster than
+  oneDNN's on AVX2 at 1-16 tokens).
+  The FBGEMM backends hand FBGEMM the codes of ``quantize_tokens`` as floats with scale 1 (the same
+  codes as the other backends). Only weights used twice unchanged are FBGEMM-packed (packing costs 35-105 one-token calls); a
+  weight on its first use or changed in place runs ``torch._int_mm`` (``"fbgemm"``) or
+  ``"onednn_a7"``.
 
-``"auto"`` (default) picks ``"onednn"`` on CPUs with VNNI / AMX and ``"fbgemm_a7"`` elsewhere
-(``"onednn_a7"`` in builds without FBGEMM). The prepacked weight is cached per weight tensor and
-its version. With VNNI / AMX a weight is packed
+``"auto"`` (default) picks ``"onednn"`` on CPUs with AMX, ``"fbgemm"`` on CPUs with AVX512-VNNI but
+no AMX (there oneDNN 3.12 runs the prepacked int8 matmul in its reference kernel: 300 ms where
+FBGEMM takes 0.07 ms, measured on an AMD EPYC with AVX512-VNNI) and ``"fbgemm_a7"`` elsewhere
+(``"onednn_a7"``, ``"onednn"`` in builds without FBGEMM). The prepacked weight is cached per weight
+tensor and its version. With VNNI / AMX a weight is packed
 only on its second unchanged use (the first runs ``torch._int_mm``), and a weight changed in place
 (QuZO perturbs weights before every forward) is never kept packed: it runs ``torch._int_mm``.
 Int4 W·A8 per channel: the unpacked int8 codes go through the same GEMM (cached packed, so a
@@ -53,6 +58,7 @@ and get no gradient.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 import weakref
@@ -65,7 +71,6 @@ import triton.language as tl
 
 from .quant import (
     QMAX,
-    SCALE_FLOOR,
     _quantize_rows_triton,
     check_float,
     check_group_size,
@@ -75,7 +80,7 @@ from .quant import (
     quantize_act_int8,
     quantize_ref,
     quantize_tokens,
-    row_absmax,
+    token_codes,
     unpack_int4,
     use_triton,
 )
@@ -86,15 +91,20 @@ __all__ = [
     "qlinear_ref",
     "qlinear_triton",
     "set_cpu_int8_backend",
+    "use_cpu_int8_backend",
+    "exact_cpu_int8_backend",
+    "CPU_INT8_BACKENDS",
     "cpu_int8_backend",
     "int8_gemm_cpu",
 ]
 
 
-_CPU_BACKENDS = ("auto", "int_mm", "onednn", "onednn_a7", "fbgemm_a7")
+CPU_INT8_BACKENDS = ("auto", "int_mm", "onednn", "fbgemm", "onednn_a7", "fbgemm_a7")
+"""Names :func:`set_cpu_int8_backend` takes."""
 A7_QMAX = 63
 """Activation qmax of the 7-bit backends (u8 = q + 64 <= 127 cannot saturate AVX2's pair sums)."""
 _A7 = ("onednn_a7", "fbgemm_a7")
+_FBGEMM_BACKENDS = ("fbgemm", "fbgemm_a7")
 _cpu_backend = os.environ.get("COLAFX_CPU_INT8_BACKEND", "auto")
 _resolved_backend: Optional[str] = None
 
@@ -356,38 +366,62 @@ def _fbgemm_available() -> bool:
 
 def set_cpu_int8_backend(name: str) -> None:
     """Choose the CPU int8 GEMM: "auto" (by CPU features, see the module docstring), "int_mm",
-    "onednn" (both exact), "onednn_a7" or "fbgemm_a7" (7-bit activations, not exact W8A8).
+    "onednn", "fbgemm" (exact), "onednn_a7" or "fbgemm_a7" (7-bit activations, not exact W8A8).
 
-    Raises ValueError for an unknown name, a oneDNN backend on a build without oneDNN or
-    "fbgemm_a7" without FBGEMM (it also needs oneDNN for weights changed in place). Also settable
-    with ``COLAFX_CPU_INT8_BACKEND``.
+    Raises ValueError for an unknown name, a oneDNN backend on a build without oneDNN, an FBGEMM
+    backend without FBGEMM ("fbgemm_a7" also needs oneDNN for weights changed in place) or
+    "fbgemm" on a CPU without AVX512-VNNI / AMX (FBGEMM's AVX2 kernel saturates 8-bit codes).
+    Also settable with ``COLAFX_CPU_INT8_BACKEND``.
     """
     global _cpu_backend, _resolved_backend
-    if name not in _CPU_BACKENDS:
-        raise ValueError(f"backend must be one of {_CPU_BACKENDS}, got {name!r}")
+    if name not in CPU_INT8_BACKENDS:
+        raise ValueError(f"backend must be one of {CPU_INT8_BACKENDS}, got {name!r}")
     if name in ("onednn", *_A7) and not _onednn_available():
         raise ValueError("this torch build has no oneDNN quantized linear ops")
-    if name == "fbgemm_a7" and not _fbgemm_available():
+    if name in _FBGEMM_BACKENDS and not _fbgemm_available():
         raise ValueError("this torch build has no FBGEMM quantized linear ops")
+    if name == "fbgemm" and not _has_int8_dot_instructions():
+        raise ValueError("backend 'fbgemm' is exact only on CPUs with AVX512-VNNI / AMX; use 'fbgemm_a7' here")
     _cpu_backend, _resolved_backend = name, None
 
 
+@contextlib.contextmanager
+def use_cpu_int8_backend(name: str):
+    """Context manager: run the block with the CPU int8 backend ``name`` (yields it resolved),
+    then restore the previous choice. Raises ValueError as :func:`set_cpu_int8_backend`."""
+    global _cpu_backend, _resolved_backend
+    old = _cpu_backend
+    set_cpu_int8_backend(name)
+    try:
+        yield cpu_int8_backend()
+    finally:
+        _cpu_backend, _resolved_backend = old, None
+
+
 def cpu_int8_backend() -> str:
-    """Return the CPU int8 GEMM backend in use ("int_mm", "onednn", "onednn_a7" or "fbgemm_a7"),
-    resolving "auto". Raises ValueError for an unknown ``COLAFX_CPU_INT8_BACKEND``."""
+    """Return the CPU int8 GEMM backend in use ("int_mm", "onednn", "fbgemm", "onednn_a7" or
+    "fbgemm_a7"), resolving "auto". Raises ValueError for an unknown ``COLAFX_CPU_INT8_BACKEND``."""
     global _resolved_backend
     if _resolved_backend is None:
-        if _cpu_backend not in _CPU_BACKENDS:  # only COLAFX_CPU_INT8_BACKEND can bring one in
-            raise ValueError(f"COLAFX_CPU_INT8_BACKEND must be one of {_CPU_BACKENDS}, got {_cpu_backend!r}")
+        if _cpu_backend not in CPU_INT8_BACKENDS:  # only COLAFX_CPU_INT8_BACKEND can bring one in
+            raise ValueError(f"COLAFX_CPU_INT8_BACKEND must be one of {CPU_INT8_BACKENDS}, got {_cpu_backend!r}")
         if _cpu_backend != "auto":
             _resolved_backend = _cpu_backend
         elif not _onednn_available():
             _resolved_backend = "int_mm"
-        elif _has_int8_dot_instructions():
+        elif _has_amx():
             _resolved_backend = "onednn"
+        elif _has_int8_dot_instructions():
+            _resolved_backend = "fbgemm" if _fbgemm_available() else "onednn"
         else:
             _resolved_backend = "fbgemm_a7" if _fbgemm_available() else "onednn_a7"
     return _resolved_backend
+
+
+def exact_cpu_int8_backend() -> str:
+    """The exact (8-bit activation codes) backend that is fast on this CPU: "int_mm" with
+    AVX512-VNNI / AMX or without oneDNN, else "onednn" (its AVX2 split GEMM)."""
+    return "onednn" if _onednn_available() and not _has_int8_dot_instructions() else "int_mm"
 
 
 def cpu_act_qmax() -> int:
@@ -396,11 +430,14 @@ def cpu_act_qmax() -> int:
 
 
 def _has_int8_dot_instructions() -> bool:
-    """True when the CPU has AVX-VNNI / AVX512-VNNI or AMX (int8 dot products into int32, no
-    16-bit saturation: oneDNN's s8 GEMM and torch._int_mm are exact and fast)."""
-    cpu = torch.cpu
-    probes = ("_is_vnni_supported", "_is_amx_tile_supported")
-    return any(getattr(cpu, name, lambda: False)() for name in probes)
+    """True when the CPU has AVX512-VNNI or AMX (int8 dot products into int32, no 16-bit
+    saturation: oneDNN's s8 GEMM, FBGEMM's and torch._int_mm are exact and fast)."""
+    return getattr(torch.cpu, "_is_vnni_supported", lambda: False)() or _has_amx()
+
+
+def _has_amx() -> bool:
+    """True when the CPU has AMX tiles (oneDNN's prepacked int8 matmul is fast there)."""
+    return getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
 
 
 _PACKED: dict = {}  # id(weight) -> (weakref to it, version, shape, oneDNN packed weight or None, zeros)
@@ -514,22 +551,22 @@ def _fbgemm_weight(codes, shape: torch.Size, w_scale: torch.Tensor, cache_key: O
     return hit[3]
 
 
-def _fbgemm_a7_linear(x2: torch.Tensor, packed) -> torch.Tensor:
-    """``(q(x) · Wᵀ) · w_scale · amax / 63`` as fp32 [M, N] through FBGEMM: 7-bit per-token codes
-    ``q = round(63 · x / amax)`` (amax per token), rounded by FBGEMM's quantizer (ties to even)."""
+def _fbgemm_linear(x2: torch.Tensor, packed, qmax: int) -> torch.Tensor:
+    """``(q(x) · Wᵀ) · w_scale · s`` as fp32 [M, N] through FBGEMM, ``q, s = quantize_tokens(x,
+    qmax)`` (bit-identical codes: FBGEMM gets them as floats with scale 1 and zero point
+    ``qmax + 1``; handing it ``x / s`` to round would flip codes near ties, as its quantizer adds
+    the zero point before rounding)."""
     # the packet's C++ entry: skips the Python check for fake script objects (~10 us; eager only)
     fbgemm = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32._op
-    if x2.shape[0] == 1:  # one token: its scale is the tensor's, FBGEMM quantizes with it directly
-        return fbgemm(x2.contiguous(), max(float(x2.abs().max()), SCALE_FLOOR) / A7_QMAX, 64, packed)
-    amax = row_absmax(x2).clamp_min_(SCALE_FLOOR)
-    return fbgemm(x2 / amax, 1.0 / A7_QMAX, 64, packed).mul_(amax)
+    codes, scale = token_codes(x2, qmax)
+    return fbgemm(codes, 1.0, qmax + 1, packed).mul_(scale)
 
 
 def _scaled_gemm(qx: torch.Tensor, codes, shape: torch.Size, w_scale: torch.Tensor, name: str,
                  cache_key: Optional[torch.Tensor]) -> torch.Tensor:
     """``(qx · Wᵀ) · w_scale[n]`` as fp32 [M, N]; qx int8 contiguous, ``codes()`` the int8 weight
     W [N, K] = ``shape`` (contiguous), w_scale fp32 [N]."""
-    if name == "int_mm":
+    if name in ("int_mm", "fbgemm"):  # "fbgemm" here: a weight not (yet) FBGEMM-packed
         return torch.mul(torch._int_mm(qx, codes().t()), w_scale)
     dot = _has_int8_dot_instructions()
     packed, zeros = _onednn_weight(codes, shape, cache_key, lazy=dot)
@@ -552,8 +589,9 @@ def int8_gemm_cpu(qx: torch.Tensor, qw: torch.Tensor, backend: Optional[str] = N
     """Return ``qx @ qw.T`` (int8 [M, K] × int8 [N, K]) as fp32 [M, N] on the CPU, times
     ``w_scale`` (fp32 [N], per output channel) when given.
 
-    Exact (int32 accumulation) for "int_mm" and "onednn"; the 7-bit backends are exact for qx in
-    [-64, 63] (their activation codes; given codes, both run oneDNN's GEMM here). ``backend``
+    Exact (int32 accumulation) for "int_mm", "onednn" and "fbgemm" (given codes, it runs
+    ``torch._int_mm``); the 7-bit backends are exact for qx in [-64, 63] (their activation codes;
+    given codes, both run oneDNN's GEMM here). ``backend``
     defaults to :func:`cpu_int8_backend`.
     ``cache_key`` (a persistent weight tensor) enables caching of the oneDNN prepacked weight.
     Raises TypeError for non-int8 inputs and ValueError for mismatched K, an unknown backend or
@@ -564,8 +602,8 @@ def int8_gemm_cpu(qx: torch.Tensor, qw: torch.Tensor, backend: Optional[str] = N
     if qx.dim() != 2 or qw.dim() != 2 or qx.shape[1] != qw.shape[1]:
         raise ValueError(f"shapes {tuple(qx.shape)} and {tuple(qw.shape)} do not fit [M,K]x[N,K]")
     name = backend or cpu_int8_backend()
-    if name not in _CPU_BACKENDS[1:]:
-        raise ValueError(f"backend must be one of {_CPU_BACKENDS[1:]}, got {name!r}")
+    if name not in CPU_INT8_BACKENDS[1:]:
+        raise ValueError(f"backend must be one of {CPU_INT8_BACKENDS[1:]}, got {name!r}")
     if name in _A7 and qx.numel() and not -64 <= int(qx.min()) <= int(qx.max()) <= 63:
         raise ValueError(f"backend {name!r} takes activation codes in [-64, 63]")
     n = qw.shape[0]
@@ -640,15 +678,16 @@ def _qlinear_cpu(x, qweight, w_scale, bias, act_bits, bits):
         return (unpack_int4(qweight) if bits == 4 else qweight).contiguous()
 
     shape = torch.Size((n, k))
-    if name == "fbgemm_a7" and groups == 1 and x2.shape[0]:
+    qmax = A7_QMAX if name in _A7 else QMAX[8]
+    if name in _FBGEMM_BACKENDS and groups == 1 and x2.shape[0]:
         packed = _fbgemm_packed(qweight)  # the cheap check first: the hot path of a packed weight
         if packed is None:  # packed on its second unchanged use
             packed = _fbgemm_weight(codes, shape, w_scale, qweight)
         if packed is not None:
-            return _epilogue(_fbgemm_a7_linear(x2.float(), packed), x, bias, n)
-    qx, sx = quantize_tokens(x2, A7_QMAX if name in _A7 else QMAX[8])
+            return _epilogue(_fbgemm_linear(x2.float(), packed, qmax), x, bias, n)
+    qx, sx = quantize_tokens(x2, qmax)
     if groups == 1 and qx.numel() and n:
-        cache_key = None if name == "fbgemm_a7" else qweight  # fbgemm_a7 keeps no oneDNN copy
+        cache_key = None if name in _FBGEMM_BACKENDS else qweight  # the FBGEMM backends keep no oneDNN copy
         acc = _scaled_gemm(qx, codes, shape, w_scale.reshape(n), name, cache_key)
     elif groups == 1:
         acc = torch.zeros(qx.shape[0], n)

@@ -319,9 +319,16 @@ def quantize_tokens(x2d: torch.Tensor, qmax: int):
     because ``|x / scale| <= qmax·(1 + 2⁻²³)`` rounds to at most ``qmax``. Returns ``(q int8,
     scale fp32 [rows, 1])``.
     """
+    codes, scale = token_codes(x2d, qmax)
+    return codes.to(torch.int8), scale
+
+
+def token_codes(x2d: torch.Tensor, qmax: int):
+    """:func:`quantize_tokens`' codes as fp32 (integers in [-qmax, qmax]) and its scale, for GEMMs
+    that take float input and quantize it themselves (FBGEMM: with scale 1 its quantizer keeps them)."""
     x = x2d.float()
     scale = row_absmax(x).clamp_min_(SCALE_FLOOR).div_(qmax)
-    return (x / scale).add_(0.5).floor_().to(torch.int8), scale
+    return (x / scale).add_(0.5).floor_(), scale
 
 
 def row_absmax(x2d: torch.Tensor) -> torch.Tensor:

@@ -78,16 +78,16 @@ def _available_backends():
         names += ["onednn", "onednn_a7"]
         if qmatmul._fbgemm_available():
             names.append("fbgemm_a7")
+            if qmatmul._has_int8_dot_instructions():
+                names.append("fbgemm")
     return names
 
 
 @pytest.fixture(params=_available_backends())
 def cpu_backend(request):
     """Each CPU int8 backend this torch build has, restored afterwards."""
-    old = qmatmul._cpu_backend
-    qmatmul.set_cpu_int8_backend(request.param)
-    yield request.param
-    qmatmul.set_cpu_int8_backend(old)
+    with qmatmul.use_cpu_int8_backend(request.param) as name:
+        yield name
 
 
 @pytest.mark.parametrize("bits, k, group_size", WEIGHTS)
@@ -185,14 +185,10 @@ def test_7_bit_linear_matches_a_7_bit_activation_reference_and_loses_sqnr(backen
     gen = torch.Generator().manual_seed(3)
     x, w = torch.randn(65, 96, generator=gen), torch.randn(45, 96, generator=gen) / 10
     qw = quantize_weight(w, 8)
-    old = qmatmul._cpu_backend
-    try:
-        qmatmul.set_cpu_int8_backend(backend)
+    with qmatmul.use_cpu_int8_backend(backend):
         outs = [int8_linear(x, qw.qweight, qw.scale) for _ in range(3)]  # oneDNN, then FBGEMM-packed
-        qmatmul.set_cpu_int8_backend("onednn")
+    with qmatmul.use_cpu_int8_backend("int_mm"):
         exact = int8_linear(x, qw.qweight, qw.scale)
-    finally:
-        qmatmul.set_cpu_int8_backend(old)
     qx, sx = quantize_ref(x, qmatmul.A7_QMAX)
     ref = (qx.double() * sx.double()) @ dequantize_ref(qw.qweight, qw.scale).double().T
     for out in outs:
@@ -202,16 +198,18 @@ def test_7_bit_linear_matches_a_7_bit_activation_reference_and_loses_sqnr(backen
 
 @pytest.mark.skipif(not (qmatmul._onednn_available() and qmatmul._fbgemm_available()),
                     reason="torch build without oneDNN / FBGEMM int8 ops")
-def test_fbgemm_a7_packs_only_weights_used_twice_unchanged_and_follows_in_place_updates():
+@pytest.mark.parametrize("backend", ["fbgemm_a7", "fbgemm"])
+def test_fbgemm_packs_only_weights_used_twice_unchanged_and_follows_in_place_updates(backend):
     """A constant weight is FBGEMM-packed on its second use; a weight changed in place (QuZO)
-    is never packed (no second copy), runs oneDNN, and its results follow every change."""
+    is never packed (no second copy), runs oneDNN / torch._int_mm, and its results follow every change."""
+    if backend == "fbgemm" and not qmatmul._has_int8_dot_instructions():
+        pytest.skip("exact 8-bit FBGEMM needs AVX512-VNNI / AMX")
+    qmax = qmatmul.A7_QMAX if backend == "fbgemm_a7" else 127
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(5, 64, generator=gen)
     const = quantize_weight(torch.randn(32, 64, generator=gen), 8, qmax=ZO_QMAX[8])
     moving = quantize_weight(torch.randn(32, 64, generator=gen), 8, qmax=ZO_QMAX[8])
-    old = qmatmul._cpu_backend
-    try:
-        qmatmul.set_cpu_int8_backend("fbgemm_a7")
+    with qmatmul.use_cpu_int8_backend(backend):
         for _ in range(2):
             int8_linear(x, const.qweight, const.scale)
         assert qmatmul._fbgemm_packed(const.qweight) is not None
@@ -219,12 +217,10 @@ def test_fbgemm_a7_packs_only_weights_used_twice_unchanged_and_follows_in_place_
             int8_linear(x, moving.qweight, moving.scale)
             zo_perturb_int_(moving.qweight, moving.scale, seed=seed + 1, eps=0.05, sign=1, bits=8)
             out = int8_linear(x, moving.qweight, moving.scale)
-            ref = qlinear_ref(x, moving.qweight, moving.scale, act_qmax=qmatmul.A7_QMAX)
+            ref = qlinear_ref(x, moving.qweight, moving.scale, act_qmax=qmax)
             assert rel_err(out, ref) <= REL_TOL[torch.float32]
             assert qmatmul._fbgemm_packed(moving.qweight) is None
         assert qmatmul._FBGEMM[id(moving.qweight)][3] is None
-    finally:
-        qmatmul.set_cpu_int8_backend(old)
 
 
 def test_cached_weight_follows_in_place_updates():
@@ -295,31 +291,50 @@ def test_unknown_backend_from_the_environment_is_an_error_naming_the_variable(mo
 def test_backend_selection():
     with pytest.raises(ValueError):
         qmatmul.set_cpu_int8_backend("mkl")
-    old = qmatmul._cpu_backend
-    try:
-        qmatmul.set_cpu_int8_backend("int_mm")
-        assert qmatmul.cpu_int8_backend() == "int_mm"
-        qmatmul.set_cpu_int8_backend("auto")
-        assert qmatmul.cpu_int8_backend() in ("int_mm", "onednn", "onednn_a7", "fbgemm_a7")
-    finally:
-        qmatmul.set_cpu_int8_backend(old)
+    before = qmatmul.cpu_int8_backend()
+    with qmatmul.use_cpu_int8_backend("int_mm") as name:
+        assert name == qmatmul.cpu_int8_backend() == "int_mm"
+    assert qmatmul.cpu_int8_backend() == before
+    with qmatmul.use_cpu_int8_backend("auto") as name:
+        assert name in ("int_mm", "onednn", "fbgemm", "onednn_a7", "fbgemm_a7")
 
 
-@pytest.mark.parametrize("vnni", [False, True])
-def test_auto_backend_is_exact_only_with_int8_dot_instructions(monkeypatch, vnni):
-    """With VNNI / AMX the exact s8 GEMM is fast: "auto" picks "onednn"; without, exactness costs a
-    second GEMM, so "auto" picks the 7-bit-activation form (through FBGEMM where the build has it)."""
+@pytest.mark.parametrize("vnni, amx", [(False, False), (True, False), (True, True)])
+def test_auto_backend_is_exact_only_with_int8_dot_instructions(monkeypatch, vnni, amx):
+    """AMX: "auto" picks oneDNN's prepacked s8 GEMM; AVX512-VNNI without AMX: FBGEMM's exact 8-bit
+    GEMM (oneDNN's prepacked matmul runs its reference kernel there); neither: exactness costs a
+    second GEMM, so the 7-bit-activation form (through FBGEMM where the build has it)."""
     if not qmatmul._onednn_available():
         pytest.skip("this torch build has no oneDNN quantized linear ops")
     monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: vnni, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    fbgemm = qmatmul._fbgemm_available()
+    expected = {(False, False): "fbgemm_a7" if fbgemm else "onednn_a7",
+                (True, False): "fbgemm" if fbgemm else "onednn", (True, True): "onednn"}[vnni, amx]
+    with qmatmul.use_cpu_int8_backend("auto") as name:
+        assert name == expected
+
+
+def test_exact_fbgemm_backend_is_refused_without_int8_dot_instructions(monkeypatch):
+    """FBGEMM's AVX2 kernel saturates 8-bit codes, so "fbgemm" is refused on such a CPU."""
+    monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: False, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
-    old = qmatmul._cpu_backend
-    try:
-        qmatmul.set_cpu_int8_backend("auto")
-        seven_bit = "fbgemm_a7" if qmatmul._fbgemm_available() else "onednn_a7"
-        assert qmatmul.cpu_int8_backend() == ("onednn" if vnni else seven_bit)
-    finally:
-        qmatmul.set_cpu_int8_backend(old)
+    with pytest.raises(ValueError, match="fbgemm_a7"):
+        qmatmul.set_cpu_int8_backend("fbgemm")
+
+
+def test_every_backend_is_exact_on_the_largest_codes(cpu_backend):
+    """All-max activation and weight codes (AVX2's 16-bit pair sums would saturate at 255·127·2):
+    every backend gives the exact product."""
+    k = 96
+    qw = torch.full((16, k), 127, dtype=torch.int8)
+    scale = torch.full((16, 1), 0.01)
+    for sign in (1.0, -1.0):
+        x = torch.full((4, k), sign)
+        qmax = qmatmul.A7_QMAX if cpu_backend.endswith("_a7") else 127
+        ref = qlinear_ref(x, qw, scale, act_qmax=qmax)
+        for _ in range(3):  # first use, packing use, packed
+            assert rel_err(int8_linear(x, qw, scale), ref) <= REL_TOL[torch.float32]
 
 
 def _bad_calls():
