@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import shutil
 import statistics
@@ -48,8 +49,6 @@ def load_previous(path: Path, args) -> dict:
     Raises:
         SystemExit: it was made with other result-changing arguments (one line naming them).
     """
-    import json
-
     if not path.is_file():
         return {}
     old = json.loads(path.read_text())
@@ -58,6 +57,24 @@ def load_previous(path: Path, args) -> dict:
         raise SystemExit(f"--resume: {path} was made with other {', '.join(changed)}; "
                          "rerun without --resume or with the same arguments")
     return old
+
+
+def sweep_from(path: Path, variants) -> tuple[dict, int]:
+    """The sweep of an earlier report at ``path`` for ``variants`` (each with its ``chosen`` LR / eps), and
+    the number of steps it swept with.
+
+    Raises:
+        SystemExit: the file is missing or unreadable, or its sweep lacks one of ``variants``.
+    """
+    try:
+        earlier = json.loads(path.read_text())
+        sweep, steps = earlier["sweep"], earlier["args"]["sweep_steps"]
+    except (OSError, ValueError, KeyError) as e:
+        raise SystemExit(f"--sweep-from: cannot read a sweep from {path}: {e}") from None
+    missing = [v for v in variants if "chosen" not in sweep.get(v, {})]
+    if missing:
+        raise SystemExit(f"--sweep-from: {path} has no chosen LR / eps for {', '.join(missing)}")
+    return {v: sweep[v] for v in variants}, steps
 
 
 def split_train(data_dir: Path, folder: Path) -> tuple[Path, Path]:
@@ -131,6 +148,9 @@ def main(argv=None) -> int:
     parser.add_argument("--sweep-steps", type=int, default=None,
                         help="steps per sweep run (default: --steps, so a LR that diverges later is not picked; "
                              "0: no sweep, the first candidate)")
+    parser.add_argument("--sweep-from", default=None, metavar="SST2_JSON",
+                        help="take each variant's LR / eps from this earlier report's sweep instead of sweeping again "
+                             "(for longer runs with hyper-parameters already picked on held-out data)")
     parser.add_argument("--n-heldout", type=int, default=128, help="held-out training examples scoring the sweep")
     parser.add_argument("--batch-size", type=int, default=16, help="examples per step")
     parser.add_argument("--k-shot", type=int, default=16, help="training examples per class")
@@ -166,6 +186,9 @@ def run(args) -> int:
     t_start = time.perf_counter()
     out, work = Path(args.out), Path(tempfile.mkdtemp(prefix="colafx-sst2-"))
     previous = load_previous(out / "sst2.json", args) if args.resume else {}  # before the model loads
+    earlier_sweep = None
+    if args.sweep_from:
+        earlier_sweep, args.sweep_steps = sweep_from(Path(args.sweep_from), args.variants)
     pool, held = split_train(Path(args.data_dir), work)
     base, tokenizer = load_model(args.model).eval(), load_tokenizer(args.model)
     common = dict(model=args.model, task="sst2", train_file=str(pool), objective="candidates", trainable="lora",
@@ -199,7 +222,10 @@ def run(args) -> int:
     print(f"zero-shot fp32: {report['zero_shot']:.4f}", flush=True)
 
     chosen = {}
-    for name in args.variants:  # the sweep: seed 0, scored on held-out training examples
+    if earlier_sweep:
+        report["sweep"] = earlier_sweep
+        chosen = {name: (s["chosen"]["lr"], s["chosen"]["eps"]) for name, s in earlier_sweep.items()}
+    for name in ([] if earlier_sweep else args.variants):  # the sweep: seed 0, scored on held-out training examples
         family = "adamw" if VARIANTS[name]["method"] == "adamw" else "zo"
         candidates = SWEEP[family][:1] if args.quick else SWEEP[family]
         scores = []

@@ -53,3 +53,22 @@ def test_resume_refuses_a_report_made_with_other_arguments(tmp_path):
         bench.load_previous(path, args)
     path.write_text(json.dumps({"args": vars(args), "runs": {"mezo-fp32": {"0": {}}}}))
     assert bench.load_previous(path, args)["runs"] == {"mezo-fp32": {"0": {}}}
+
+
+def test_sweep_from_takes_the_chosen_hyper_parameters_and_refuses_what_it_lacks(tmp_path):
+    import json
+
+    import pytest
+
+    bench = _bench()
+    sweep = {"quzo-int4": {"candidates": [{"lr": 1e-3, "eps": 4e-2, "heldout_acc": 0.6}],
+                           "chosen": {"lr": 1e-3, "eps": 4e-2}},
+             "mezo-fp32": {"candidates": []}}  # a sweep cut short: nothing chosen
+    path = tmp_path / "sst2.json"
+    path.write_text(json.dumps({"args": {"sweep_steps": 40}, "sweep": sweep}))
+    picked, steps = bench.sweep_from(path, ["quzo-int4"])
+    assert picked == {"quzo-int4": sweep["quzo-int4"]} and steps == 40
+    with pytest.raises(SystemExit, match="no chosen LR / eps for mezo-fp32"):
+        bench.sweep_from(path, ["quzo-int4", "mezo-fp32"])
+    with pytest.raises(SystemExit, match="cannot read a sweep"):
+        bench.sweep_from(tmp_path / "missing.json", ["quzo-int4"])
