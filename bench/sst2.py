@@ -185,10 +185,10 @@ def run(args) -> int:
     print("CPU features:", " ".join(cpu_features()), f"| {torch.get_num_threads()} threads", flush=True)
     t_start = time.perf_counter()
     out, work = Path(args.out), Path(tempfile.mkdtemp(prefix="colafx-sst2-"))
-    previous = load_previous(out / "sst2.json", args) if args.resume else {}  # before the model loads
     earlier_sweep = None
-    if args.sweep_from:
+    if args.sweep_from:  # before load_previous: it sets the sweep_steps a resumed report is checked against
         earlier_sweep, args.sweep_steps = sweep_from(Path(args.sweep_from), args.variants)
+    previous = load_previous(out / "sst2.json", args) if args.resume else {}  # before the model loads
     pool, held = split_train(Path(args.data_dir), work)
     base, tokenizer = load_model(args.model).eval(), load_tokenizer(args.model)
     common = dict(model=args.model, task="sst2", train_file=str(pool), objective="candidates", trainable="lora",
