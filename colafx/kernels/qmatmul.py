@@ -440,25 +440,43 @@ def _has_amx() -> bool:
     return getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
 
 
-_PACKED: dict = {}  # id(weight) -> (weakref to it, version, shape, oneDNN packed weight or None, zeros)
-_MUTABLE = (None, None, None)  # (version, shape, packed) of a weight seen changing in place: never kept packed
+_PACKED: dict = {}  # id(weight) -> (weakref to it, version, shape, (oneDNN packed weight, zeros) or None)
+_FBGEMM: dict = {}  # id(weight) -> (weakref to it, version, shape, FBGEMM packed weight or None)
 
 
-def _cache_entry(weight: torch.Tensor):
-    """``(version, shape, packed)`` cached for ``weight``, or None (a dict keyed by id plus a weak
-    reference: ~10x cheaper per call than ``WeakTensorKeyDictionary``)."""
-    hit = _PACKED.get(id(weight))
-    return hit[1:4] if hit is not None and hit[0]() is weight else None
-
-
-def _cache_put(weight: torch.Tensor, entry: tuple) -> None:
-    """Store ``(version, shape, packed)`` for ``weight``; dropped when the weight is freed."""
-
+def _cached_pack(cache: dict, weight: torch.Tensor, shape: torch.Size, pack, lazy: bool):
+    """``pack()``'s result for ``weight`` ([N, K] = ``shape``), kept in ``cache`` per weight tensor
+    and its version counter (a dict keyed by id plus a weak reference: ~10x cheaper per call than
+    ``WeakTensorKeyDictionary``; the entry goes when the weight is freed), or None where nothing
+    is kept: inference tensors (no version counter), a weight found changed in place since it was
+    seen (QuZO perturbs its weights before every forward: a kept copy would never be reused and
+    would double the weight's memory, so it is never packed again) and, when ``lazy``, a weight's
+    first use (only a weight used twice unchanged is packed: packing costs ~10-100 GEMV calls).
+    """
+    version = _tensor_version(weight)
+    if version is None:
+        return None
     key = id(weight)
-    old = _PACKED.get(key)
-    ref = old[0] if old is not None and old[0]() is weight else weakref.ref(weight, lambda _, k=key: _PACKED.pop(k, None))
-    zeros = None if entry[2] is None else torch.zeros(entry[1][0], dtype=torch.int64)
-    _PACKED[key] = (ref, *entry, zeros)
+    hit = cache.get(key)
+    if hit is None or hit[0]() is not weight:
+        packed = None if lazy else pack()
+        cache[key] = (weakref.ref(weight, lambda _, k=key: cache.pop(k, None)), version, shape, packed)
+        return packed
+    if hit[1] != version or hit[2] != shape:  # changed in place (or a stale entry of another shape)
+        cache[key] = (hit[0], None, None, None)
+        return None
+    if hit[3] is None:  # second use, unchanged: pack and keep
+        cache[key] = hit = (hit[0], version, shape, pack())
+    return hit[3]
+
+
+def _current_pack(cache: dict, weight: torch.Tensor):
+    """The packed form of ``weight`` in ``cache`` if it is current, else None (the hot path: no
+    packing, no bookkeeping)."""
+    hit = cache.get(id(weight))
+    if hit is None or hit[3] is None or hit[0]() is not weight:
+        return None
+    return hit[3] if hit[1] == _tensor_version(weight) else None
 
 
 def _tensor_version(t: torch.Tensor) -> Optional[int]:
@@ -470,31 +488,18 @@ def _tensor_version(t: torch.Tensor) -> Optional[int]:
 
 
 def _onednn_weight(codes, shape: torch.Size, cache_key: Optional[torch.Tensor], lazy: bool):
-    """``(packed, zeros)``: the oneDNN-prepacked int8 weight ``codes()`` ([N, K] = ``shape``) or
-    None, and its cached zero points (or None), cached per ``cache_key`` tensor and its version
-    (``codes`` is a callable so that a cached int4 weight is not unpacked).
-
-    A weight found changed in place since it was seen (QuZO perturbs its weights before every
-    forward) is not cached again: a kept packed copy would never be reused and would double the
-    weight's memory. ``lazy`` (CPUs where ``torch._int_mm`` is fast): return None instead of
-    packing on a weight's first use and for weights that change, so the caller runs ``_int_mm``;
-    only a weight used twice unchanged is packed (packing costs ~10-100 GEMV calls).
+    """``(packed, zeros)``: the oneDNN-prepacked int8 weight ``codes()`` ([N, K] = ``shape``) and its
+    zero points, kept per ``cache_key`` by :func:`_cached_pack` (``codes`` is a callable so that a
+    cached int4 weight is not unpacked). Where nothing is kept: ``(None, None)`` when ``lazy`` (CPUs
+    where ``torch._int_mm`` is fast: the caller runs it), else a weight packed for this call only.
     """
-    version = None if cache_key is None else _tensor_version(cache_key)
-    if version is None:
-        return None if lazy else torch.ops.onednn.qlinear_prepack(codes(), None), None
-    hit = _cache_entry(cache_key)
-    if hit is not None and hit[0] == version and hit[1] == shape:
-        if hit[2] is None and lazy:  # second use, unchanged: pack and keep
-            _cache_put(cache_key, (version, shape, torch.ops.onednn.qlinear_prepack(codes(), None)))
-        entry = _PACKED[id(cache_key)]
-        return entry[3], entry[4]
-    if hit is not None:  # changed in place (or a stale entry of another shape): never keep a copy
-        _cache_put(cache_key, _MUTABLE)
-        return None if lazy else torch.ops.onednn.qlinear_prepack(codes(), None), None
-    packed = None if lazy else torch.ops.onednn.qlinear_prepack(codes(), None)
-    _cache_put(cache_key, (version, shape, packed))
-    return packed, None
+    def pack():
+        return torch.ops.onednn.qlinear_prepack(codes(), None), torch.zeros(shape[0], dtype=torch.int64)
+
+    kept = None if cache_key is None else _cached_pack(_PACKED, cache_key, shape, pack, lazy)
+    if kept is not None:
+        return kept
+    return (None, None) if lazy else (torch.ops.onednn.qlinear_prepack(codes(), None), None)
 
 
 def _onednn_linear(x: torch.Tensor, zero_point: int, packed: torch.Tensor, w_scale: torch.Tensor, zeros=None):
@@ -506,37 +511,11 @@ def _onednn_linear(x: torch.Tensor, zero_point: int, packed: torch.Tensor, w_sca
     )
 
 
-_FBGEMM: dict = {}  # id(weight) -> (weakref to it, version, shape, FBGEMM packed weight or None)
-
-
-def _fbgemm_packed(qweight: torch.Tensor):
-    """The cached FBGEMM-packed weight of ``qweight`` if it is current, else None (the hot path)."""
-    hit = _FBGEMM.get(id(qweight))
-    if hit is None or hit[3] is None or hit[0]() is not qweight:
-        return None
-    try:
-        return hit[3] if hit[1] == qweight._version else None
-    except RuntimeError:  # inference tensor: no version counter, never cached
-        return None
-
-
 def _fbgemm_weight(codes, shape: torch.Size, w_scale: torch.Tensor, cache_key: Optional[torch.Tensor]):
     """FBGEMM's packed per-channel int8 weight for ``codes()`` ([N, K] = ``shape``) with scales
-    ``w_scale`` [N, 1], or None: packed only on the second unchanged use of ``cache_key`` (by its
-    version counter), never for a weight that changed in place (see :func:`_onednn_weight`)."""
-    version = None if cache_key is None else _tensor_version(cache_key)
-    if version is None:
-        return None
-    key = id(cache_key)
-    hit = _FBGEMM.get(key)
-    if hit is None or hit[0]() is not cache_key:
-        ref = weakref.ref(cache_key, lambda _, k=key: _FBGEMM.pop(k, None))
-        _FBGEMM[key] = (ref, version, shape, None)
-        return None
-    if hit[1] != version or hit[2] != shape:  # changed in place (or never seen unchanged): never pack
-        _FBGEMM[key] = (hit[0], None, None, None)
-        return None
-    if hit[3] is None:  # second use, unchanged: pack and keep
+    ``w_scale`` [N, 1], or None: packed only on the second unchanged use of ``cache_key``, never for
+    a weight that changed in place (:func:`_cached_pack`)."""
+    def pack():
         old_engine = torch.backends.quantized.engine
         try:
             torch.backends.quantized.engine = "fbgemm"
@@ -544,11 +523,11 @@ def _fbgemm_weight(codes, shape: torch.Size, w_scale: torch.Tensor, cache_key: O
                 warnings.simplefilter("ignore")
                 qw = torch._make_per_channel_quantized_tensor(
                     codes(), w_scale.reshape(-1).double(), torch.zeros(shape[0], dtype=torch.int64), 0)
-                packed = torch.ops.quantized.linear_prepack(qw, None)
+                return torch.ops.quantized.linear_prepack(qw, None)
         finally:
             torch.backends.quantized.engine = old_engine
-        _FBGEMM[key] = hit = (hit[0], version, shape, packed)
-    return hit[3]
+
+    return None if cache_key is None else _cached_pack(_FBGEMM, cache_key, shape, pack, lazy=True)
 
 
 def _fbgemm_linear(x2: torch.Tensor, packed, qmax: int) -> torch.Tensor:
@@ -680,7 +659,7 @@ def _qlinear_cpu(x, qweight, w_scale, bias, act_bits, bits):
     shape = torch.Size((n, k))
     qmax = A7_QMAX if name in _A7 else QMAX[8]
     if name in _FBGEMM_BACKENDS and groups == 1 and x2.shape[0]:
-        packed = _fbgemm_packed(qweight)  # the cheap check first: the hot path of a packed weight
+        packed = _current_pack(_FBGEMM, qweight)  # the cheap check first: the hot path of a packed weight
         if packed is None:  # packed on its second unchanged use
             packed = _fbgemm_weight(codes, shape, w_scale, qweight)
         if packed is not None:

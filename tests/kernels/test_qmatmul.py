@@ -212,14 +212,14 @@ def test_fbgemm_packs_only_weights_used_twice_unchanged_and_follows_in_place_upd
     with qmatmul.use_cpu_int8_backend(backend):
         for _ in range(2):
             int8_linear(x, const.qweight, const.scale)
-        assert qmatmul._fbgemm_packed(const.qweight) is not None
+        assert qmatmul._current_pack(qmatmul._FBGEMM, const.qweight) is not None
         for seed in range(3):
             int8_linear(x, moving.qweight, moving.scale)
             zo_perturb_int_(moving.qweight, moving.scale, seed=seed + 1, eps=0.05, sign=1, bits=8)
             out = int8_linear(x, moving.qweight, moving.scale)
             ref = qlinear_ref(x, moving.qweight, moving.scale, act_qmax=qmax)
             assert rel_err(out, ref) <= REL_TOL[torch.float32]
-            assert qmatmul._fbgemm_packed(moving.qweight) is None
+            assert qmatmul._current_pack(qmatmul._FBGEMM, moving.qweight) is None
         assert qmatmul._FBGEMM[id(moving.qweight)][3] is None
 
 
@@ -250,12 +250,12 @@ def test_onednn_cache_keeps_no_copy_of_weights_changed_in_place():
     changing.add_(1)
     got = int8_gemm_cpu(x, changing, backend="onednn", cache_key=changing)
     assert torch.equal(got.double(), (x.long() @ changing.long().T).double())
-    assert qmatmul._cache_entry(const)[2] is not None
-    assert qmatmul._cache_entry(changing) == qmatmul._MUTABLE
+    assert qmatmul._PACKED[id(const)][3] is not None
+    assert qmatmul._PACKED[id(changing)][1:] == (None, None, None)  # marked changing: never packed
     changing.add_(-1)
     got = int8_gemm_cpu(x, changing, backend="onednn", cache_key=changing)
     assert torch.equal(got.double(), (x.long() @ changing.long().T).double())
-    assert qmatmul._cache_entry(changing) == qmatmul._MUTABLE
+    assert qmatmul._PACKED[id(changing)][1:] == (None, None, None)
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -408,3 +408,22 @@ def test_eager_call_without_dispatch_equals_the_custom_op(bits, k, group_size):
         else:
             via_op = torch.ops.colafx.int4_linear(x, qw.qweight, qw.scale, b, group_size, act_bits)
         assert torch.equal(_linear(x, qw, b, act_bits), via_op)
+
+
+@pytest.mark.skipif(not qmatmul._onednn_available(), reason="torch build without oneDNN int8 ops")
+def test_onednn_split_gemm_without_vnni_packs_on_first_use_and_stays_exact(monkeypatch):
+    """The AVX2 path of the exact "onednn" backend (codes split in two halves, weights packed on
+    their first use, a changed weight packed per call and never kept), run on any x86 CPU."""
+    monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randint(-127, 128, (5, 72), dtype=torch.int8, generator=gen)
+    w = torch.randint(-127, 128, (24, 72), dtype=torch.int8, generator=gen)
+    exact = (x.long() @ w.long().T).double()
+    got = int8_gemm_cpu(x, w, backend="onednn", cache_key=w)
+    assert qmatmul._PACKED[id(w)][3] is not None  # packed and kept on the first use
+    assert torch.equal(got.double(), exact)
+    w.add_(1)
+    got = int8_gemm_cpu(x, w, backend="onednn", cache_key=w)
+    assert torch.equal(got.double(), (x.long() @ w.long().T).double())
+    assert qmatmul._PACKED[id(w)][1:] == (None, None, None)
