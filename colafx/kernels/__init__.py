@@ -12,7 +12,14 @@ reference (``*_ref``):
 """
 
 from .lowrank import lowrank_act, lowrank_act_ref
-from .qmatmul import int4_linear, int8_linear, qlinear_ref, set_cpu_int8_backend
+from .qmatmul import (
+    cpu_int8_backend,
+    int4_linear,
+    int8_linear,
+    qlinear_ref,
+    set_cpu_int8_backend,
+    use_cpu_int8_backend,
+)
 from .quant import (
     QuantizedWeight,
     dequantize_weight,
@@ -43,6 +50,8 @@ __all__ = [
     "int4_linear",
     "qlinear_ref",
     "set_cpu_int8_backend",
+    "cpu_int8_backend",
+    "use_cpu_int8_backend",
     "QuantizedWeight",
     "quantize_act_int8",
     "quantize_weight",
