@@ -491,7 +491,8 @@ def _onednn_weight(codes, shape: torch.Size, cache_key: Optional[torch.Tensor], 
     """``(packed, zeros)``: the oneDNN-prepacked int8 weight ``codes()`` ([N, K] = ``shape``) and its
     zero points, kept per ``cache_key`` by :func:`_cached_pack` (``codes`` is a callable so that a
     cached int4 weight is not unpacked). Where nothing is kept: ``(None, None)`` when ``lazy`` (CPUs
-    where ``torch._int_mm`` is fast: the caller runs it), else a weight packed for this call only.
+    where ``torch._int_mm`` is fast: the caller runs it), else a weight packed for this call only
+    (with its zero points).
     """
     def pack():
         return torch.ops.onednn.qlinear_prepack(codes(), None), torch.zeros(shape[0], dtype=torch.int64)
@@ -499,7 +500,7 @@ def _onednn_weight(codes, shape: torch.Size, cache_key: Optional[torch.Tensor], 
     kept = None if cache_key is None else _cached_pack(_PACKED, cache_key, shape, pack, lazy)
     if kept is not None:
         return kept
-    return (None, None) if lazy else (torch.ops.onednn.qlinear_prepack(codes(), None), None)
+    return (None, None) if lazy else pack()  # packed for this call only
 
 
 def _onednn_linear(x: torch.Tensor, zero_point: int, packed: torch.Tensor, w_scale: torch.Tensor, zeros=None):
@@ -663,7 +664,7 @@ def _qlinear_cpu(x, qweight, w_scale, bias, act_bits, bits):
         if packed is None:  # packed on its second unchanged use
             packed = _fbgemm_weight(codes, shape, w_scale, qweight)
         if packed is not None:
-            return _epilogue(_fbgemm_linear(x2.float(), packed, qmax), x, bias, n)
+            return _epilogue(_fbgemm_linear(x2, packed, qmax), x, bias, n)
     qx, sx = quantize_tokens(x2, qmax)
     if groups == 1 and qx.numel() and n:
         cache_key = None if name in _FBGEMM_BACKENDS else qweight  # the FBGEMM backends keep no oneDNN copy
