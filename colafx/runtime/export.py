@@ -7,7 +7,8 @@ the prefill) and whose outputs are ``logits`` [batch, seq, vocab] and ``present_
 ``present_value_i`` [batch, kv_heads, past + seq, head_dim]. The decoder layers are the model's own
 modules; only the cache is replaced by flat tensors, so CoLA modules and the quantized linears export
 as they run. colafx custom ops map to ONNX through ``colafx.kernels.onnx.onnx_translation_table()``
-(``onnx_ops="contrib"``: com.microsoft MatMulNBits for int8 and int4; ``"standard"``: ai.onnx only).
+(``onnx_ops="contrib"``: com.microsoft MatMulNBits for int8 and int4; ``"contrib-vnni"``: per-channel
+W8A8 through MatMulIntegerToFloat, for CPUs with VNNI / AMX; ``"standard"``: ai.onnx only).
 
 Beside ``model.onnx`` the export writes ``model.json`` (the Hugging Face config and the graph's input
 / output layout) and, when a tokenizer is given, ``model-tokenizer/``. :class:`OnnxCausalLM` reads them.
@@ -29,15 +30,26 @@ import numpy as np
 import torch
 from torch import nn
 
-from colafx.runtime.device import DEVICE_HELP, resolve_device
+from colafx.runtime.device import DEVICE_HELP, cpu_features, resolve_device
 from colafx.files import atomic_write_json
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 QUANT_OPS = {"int8": "colafx::int8_linear", "int4": "colafx::int4_linear"}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
-ONNX_OPS = ("contrib", "standard")  # as colafx.kernels.onnx.ONNX_OPS (onnxscript is imported on export only)
+ONNX_OPS = ("contrib", "contrib-vnni", "standard")  # as colafx.kernels.onnx.ONNX_OPS (onnxscript is imported on export only)
 META_FORMAT = "colafx-onnx"
 _EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf caps a single file at 2 GB
+
+
+def onnxruntime_u8s8_exact() -> bool:
+    """True when onnxruntime's uint8 × int8 GEMM accumulates exactly on this CPU: x86 with
+    AVX512-VNNI, AVX-VNNI or AMX (int32 dot products), or a non-x86 CPU. x86 CPUs with AVX2 only sum
+    pairs of u8·s8 products in saturating int16, which ``onnx_ops="contrib-vnni"`` exports overflow."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return True
+    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(cpu_features()))
 
 
 class _FlatCache:
@@ -191,8 +203,12 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, quant: str | None = N
     ``onnx_ops``: how quantized linears are written: "contrib" (default) = onnxruntime's fused
     ``com.microsoft::MatMulNBits``, one node per linear (int8: bits 8; activations quantized per
     block of K by onnxruntime when act_bits is 8); "standard" = ai.onnx operators only (int8: the
-    op's exact per-token quantization + ``MatMulInteger``; int4: dequantized in the graph).
-    Writes ``path`` (atomically), ``<stem>.json`` and ``<stem>-tokenizer/``; checks the file with
+    op's exact per-token quantization + ``MatMulInteger``; int4: dequantized in the graph);
+    "contrib-vnni" = as "contrib", but per-channel W8A8 linears take the op's exact per-token
+    codes through ``com.microsoft::MatMulIntegerToFloat`` (onnxruntime's uint8 × int8 GEMM, faster
+    than MatMulNBits on many tokens on a VNNI CPU; it overflows on x86 CPUs without VNNI / AMX,
+    where :class:`OnnxCausalLM` refuses the file). Writes ``path`` (atomically), ``<stem>.json``
+    and ``<stem>-tokenizer/``; checks the file with
     ``onnx.checker``.
 
     Returns:
@@ -249,19 +265,19 @@ def _quiet_exporter():
 
 def _save_program(program, path: Path, onnx_ops: str) -> None:
     """Save an ``ONNXProgram`` to ``path`` without ever leaving a half-written file there; with
-    ``onnx_ops="contrib"`` the MatMulNBits nodes that share an input are merged first."""
+    ``onnx_ops="contrib"`` / ``"contrib-vnni"`` the fused GEMM nodes that share an input are merged first."""
     import onnx
 
     big = sum(t.numel() * t.element_size() for t in program.exported_program.state_dict.values()) \
         > _EXTERNAL_DATA_BYTES
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
         target = Path(tmp) / path.name
-        if onnx_ops == "contrib":
-            from colafx.kernels.onnx import fold_quantized_weights, fuse_matmul_nbits
+        if onnx_ops.startswith("contrib"):
+            from colafx.kernels.onnx import fold_quantized_weights, fuse_shared_input_gemms
 
             fold_quantized_weights(program.model)
             proto = program.model_proto
-            fuse_matmul_nbits(proto)
+            fuse_shared_input_gemms(proto)
             onnx.save_model(proto, str(target), save_as_external_data=big, all_tensors_to_one_file=True,
                             location=f"{path.name}.data")
         else:
@@ -310,6 +326,8 @@ class OnnxCausalLM:
     Raises:
         FileNotFoundError: the .onnx file or its .json is missing.
         ValueError: the .json is corrupt or not written by colafx.
+        RuntimeError: an ``onnx_ops="contrib-vnni"`` int8 export on the CPU provider of an x86 CPU
+            without VNNI / AMX, where onnxruntime's u8·s8 GEMM overflows.
     """
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None, providers: list[str] | None = None):
@@ -327,11 +345,15 @@ class OnnxCausalLM:
             raise ValueError(f"{meta_file} is corrupt (not valid JSON): {err}") from None
         if not isinstance(self.meta, dict) or self.meta.get("format") != META_FORMAT:
             raise ValueError(f"{meta_file} was not written by colafx.export_onnx")
+        providers = providers or ["CPUExecutionProvider"]
+        if (self.meta.get("onnx_ops") == "contrib-vnni" and self.meta.get("quant") == "int8"
+                and "CPUExecutionProvider" in providers and not onnxruntime_u8s8_exact()):
+            raise RuntimeError(f"{self.path} was exported with onnx_ops='contrib-vnni', whose uint8 x int8 GEMM "
+                               "overflows on this CPU (x86 without VNNI / AMX): re-export with onnx_ops='contrib'")
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(self.path), options,
-                                            providers=providers or ["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(self.path), options, providers=providers)
         self.kv_cache = bool(self.meta["kv_cache"])
         self.float_dtype = np.float16 if self.meta["dtype"] == "fp16" else np.float32
 
@@ -471,7 +493,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--onnx-ops", choices=ONNX_OPS, default="contrib",
                         help="how --quant linears are written: contrib = onnxruntime's fused com.microsoft "
                              "MatMulNBits, one node per linear (faster decode; onnxruntime quantizes "
-                             "activations per block of K); standard = ai.onnx operators only (int8: exact "
+                             "activations per block of K); contrib-vnni = as contrib, but per-channel int8 "
+                             "linears take exact per-token codes through MatMulIntegerToFloat (faster "
+                             "prefill; needs a CPU with VNNI / AMX, or non-x86); standard = ai.onnx operators only (int8: exact "
                              "per-token quantization + MatMulInteger; int4: dequantized in the graph, no "
                              "size saving), for runtimes other than onnxruntime")
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset version (default: the exporter's)")

@@ -1,7 +1,7 @@
 """ONNX translations: tiny modules exported with torch.onnx.export(dynamo=True) run in onnxruntime.
 
 Parity (max|Δ| / max|torch|): 1e-5 where the graph reproduces the op's arithmetic (lowrank_act,
-per-token W8A8 through MatMulInteger, W·A16 through MatMulNBits or in-graph dequantization);
+per-token W8A8 through MatMulInteger or MatMulIntegerToFloat, W·A16 through MatMulNBits or in-graph dequantization);
 3e-2 for W8A8 / W4A8 through MatMulNBits, whose accuracy_level=4 quantizes activations per block
 of K (16..128) instead of per token (measured ≈ 5e-3).
 """
@@ -13,6 +13,7 @@ import torch
 
 from colafx.kernels import int4_linear, int8_linear, lowrank_act, quantize_weight
 from colafx.kernels.onnx import nbits_block_size, onnx_translation_table
+from colafx.runtime.export import onnxruntime_u8s8_exact
 
 from .conftest import rel_err
 
@@ -59,6 +60,10 @@ def _run_onnx(module, x, tmp_path, **table_kwargs):
     [
         (64, 8, None, 8, "standard", "MatMulInteger", 1e-5),
         (64, 8, None, 8, "contrib", "MatMulNBits", 3e-2),  # bits 8, per-block activations
+        pytest.param(64, 8, None, 8, "contrib-vnni", "MatMulIntegerToFloat", 1e-5,  # the op's per-token codes
+                     marks=pytest.mark.skipif(not onnxruntime_u8s8_exact(),
+                                              reason="onnxruntime's u8·s8 GEMM saturates on x86 without VNNI")),
+        (64, 8, 32, 8, "contrib-vnni", "MatMulNBits", 3e-2),  # per-group W8A8: as "contrib"
         (64, 8, 32, 16, "contrib", "MatMulNBits", 1e-5),  # W8A16 per group: exact dequant
         (64, 4, 32, 16, "contrib", "MatMulNBits", 1e-5),
         (64, 4, 32, 8, "contrib", "MatMulNBits", 3e-2),

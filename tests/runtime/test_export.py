@@ -17,7 +17,8 @@ import torch
 import colafx
 from colafx import presets
 from colafx.cli import main
-from colafx.runtime.export import OnnxCausalLM, export_onnx, quantize_for_export
+from colafx.runtime import export as export_module
+from colafx.runtime.export import OnnxCausalLM, export_onnx, onnxruntime_u8s8_exact, quantize_for_export
 from colafx.transform.quantize import QuantConfig, QuantLinear, quantize_, quantized_modules
 
 
@@ -169,6 +170,38 @@ def test_int8_default_export_is_matmulnbits_with_qkv_and_gate_up_merged_close_to
     # onnxruntime quantizes activations per block of K (accuracy_level 4), the op per token
     assert np.abs(got - expected).max() <= 3e-2 * np.abs(expected).max()
     assert (got.argmax(-1) == expected.argmax(-1)).mean() >= 0.9
+
+
+@pytest.fixture(scope="module")
+def int8_vnni_export(tmp_path_factory):
+    """``colafx export --quant int8 --onnx-ops contrib-vnni``: MatMulIntegerToFloat."""
+    return _cli_int8_export(tmp_path_factory.mktemp("int8-vnni"), "--onnx-ops", "contrib-vnni")
+
+
+@pytest.mark.skipif(not onnxruntime_u8s8_exact(), reason="onnxruntime's u8·s8 GEMM saturates on x86 without VNNI")
+def test_int8_vnni_export_uses_merged_matmulintegertofloat_and_matches_pytorch_int8(exact_cpu_int8, int8_vnni_export):
+    model, path = int8_vnni_export
+    graph = onnx.load(str(path)).graph
+    gemms = [n for n in graph.node if n.op_type == "MatMulIntegerToFloat" and n.domain == "com.microsoft"]
+    assert len(quantized_modules(model)) == 14
+    assert not any(n.op_type in ("MatMulNBits", "MatMulInteger") for n in graph.node)
+    inits = {t.name: t for t in graph.initializer}
+    assert all(inits[n.input[1]].data_type == onnx.TensorProto.INT8 for n in gemms)  # codes stored, not computed
+    # per layer: q|k|v (one node, N = 64 + 32 + 32), o, gate|up (N = 2 x 176), down; weights [K, N]
+    assert sorted(inits[n.input[1]].dims[1] for n in gemms) == [64, 64, 64, 64, 128, 128, 352, 352]
+    lm = OnnxCausalLM(path)
+    ids = _ids((2, 9))
+    # the op's per-token codes and an exact integer GEMM: only fp32 rounding differs (as "standard")
+    np.testing.assert_allclose(lm.forward(ids)[0], _logits(model, ids), atol=1e-3, rtol=0)
+    expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
+    assert torch.equal(lm.generate(ids, 8), expected)
+
+
+def test_int8_vnni_export_is_refused_on_a_cpu_whose_u8s8_gemm_overflows(int8_vnni_export, monkeypatch):
+    _, path = int8_vnni_export
+    monkeypatch.setattr(export_module, "onnxruntime_u8s8_exact", lambda: False)
+    with pytest.raises(RuntimeError, match="contrib-vnni.*without VNNI"):
+        OnnxCausalLM(path)
 
 
 def test_int8_standard_export_uses_matmulinteger_and_matches_pytorch_int8(exact_cpu_int8, int8_export):
