@@ -5,7 +5,9 @@ colafx variants (``colafx.export_onnx``, KV cache): dense fp32, cola (CoLA fp32)
 (fp32 logits head), int8-head / int4-head (head quantized too, untied from the embedding, which
 stays fp32). Quantized linears are onnxruntime's fused ``com.microsoft::MatMulNBits`` (the default
 ``onnx_ops="contrib"``); a ``-std`` suffix exports them with standard ai.onnx operators instead
-(int8: the op's exact per-token quantization + ``MatMulInteger``, ~14 nodes per linear).
+(int8: the op's exact per-token quantization + ``MatMulInteger``, ~14 nodes per linear), a ``-vnni``
+suffix with ``onnx_ops="contrib-vnni"`` (int8: the op's per-token codes through
+``MatMulIntegerToFloat``, onnxruntime's u8·s8 GEMM; for CPUs with VNNI / AMX, like ort-s8-pc).
 
 onnxruntime peers, on the dense export after ``quant_pre_process`` (so the tied head becomes a
 MatMul with a constant weight and is quantized too): ``quantize_dynamic`` on MatMul with QUInt8
@@ -43,13 +45,16 @@ from tqdm import tqdm
 import colafx
 from colafx.files import atomic_write_bytes, atomic_write_json
 from colafx.runtime.device import cpu_features, environment
-from colafx.runtime.export import OnnxCausalLM, export_onnx, meta_path, quantize_for_export
+from colafx.runtime.export import OnnxCausalLM, export_onnx, meta_path, onnxruntime_u8s8_exact, quantize_for_export
 from colafx.runtime.models import load_model, load_tokenizer
 
-COLAFX = ("dense", "cola", "int8", "int8-head", "int4", "int4-head", "int8-std", "int8-head-std", "int4-head-std")
+COLAFX = ("dense", "cola", "int8", "int8-head", "int4", "int4-head", "int8-std", "int8-head-std", "int4-head-std",
+          "int8-vnni", "int8-head-vnni")
+ONNX_OPS_SUFFIX = {"-std": "standard", "-vnni": "contrib-vnni"}
 ORT = ("ort-u8", "ort-u8-rr", "ort-s8-pc", "ort-int4")
 VARIANTS = COLAFX + ORT
-DEFAULT = ("dense", "int8", "int8-head", "int8-head-std", "int4-head", *ORT)
+DEFAULT = ("dense", "int8", "int8-head", "int8-head-std", *(("int8-head-vnni",) if onnxruntime_u8s8_exact() else ()),
+           "int4-head", *ORT)
 PROMPT = "The capital of France is"
 
 
@@ -61,7 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="dense: fp32 as loaded (always run: the accuracy reference and the peers' input); "
                         "cola: colaified (SVD init) fp32; int8: W8A8 per channel; int4: W4A8 groups of 32; "
                         "-head: the logits head quantized too; -std: standard ai.onnx operators instead of "
-                        "com.microsoft MatMulNBits; ort-*: onnxruntime's quantizers on the dense export")
+                        "com.microsoft MatMulNBits; -vnni: MatMulIntegerToFloat (CPUs with VNNI / AMX); ort-*: onnxruntime's quantizers on the dense export")
     p.add_argument("--rank", type=float, default=0.25, help="CoLA rank of the cola variant, fraction of d_model")
     p.add_argument("--prefill", type=int, default=128, help="prompt tokens of the timed prefill")
     p.add_argument("--decode", type=int, default=16, help="one-token decode calls timed per repeat")
@@ -269,7 +274,8 @@ def main(argv=None) -> int:
             start = time.perf_counter()
             if name in COLAFX:
                 export_onnx(model, path, quant=name[:4] if name.startswith("int") else None,
-                            onnx_ops="standard" if name.endswith("-std") else "contrib")
+                            onnx_ops=next((o for suffix, o in ONNX_OPS_SUFFIX.items() if name.endswith(suffix)),
+                                          "contrib"))
             else:
                 ort_quantize(name, folder / "dense" / "model.onnx", folder)
             export_s = time.perf_counter() - start
