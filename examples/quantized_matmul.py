@@ -59,7 +59,7 @@ for name, out in (("W8A8", int8_linear(x, q8.qweight, q8.scale)),
                   ("W4A16", int4_linear(x, q4.qweight, q4.scale, group_size=32, act_bits=16))):
     print(f"{name:6s} SQNR vs fp32: {sqnr_db(ref, out):5.1f} dB")
 
-# 4. CPU speed of W8A8 next to fp32 F.linear (see bench/kernels.py for the full, interleaved sweep).
+# 4. CPU speed of W8A8 next to fp32 F.linear (see bench/cpu_qmatmul.py for the full, interleaved sweep).
 print(f"\nCPU int8 GEMM backend: {cpu_int8_backend()}, {args.threads} thread(s)")
 print("| d | tokens | fp32 F.linear ms | W8A8 int8_linear ms | speedup |\n|---|---|---|---|---|")
 with torch.no_grad():

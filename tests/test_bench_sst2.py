@@ -8,10 +8,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _bench():
-    sys.path.insert(0, str(ROOT / "bench"))  # sst2.py imports zo_memory from its folder
-    spec = importlib.util.spec_from_file_location("bench_sst2", ROOT / "bench" / "sst2.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    # sst2.py imports zo_memory from its folder; the folder leaves sys.path again, so that its
+    # scripts cannot shadow installed packages for the tests that run after this one
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_sst2", ROOT / "bench" / "sst2.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
     return module
 
 

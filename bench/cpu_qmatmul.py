@@ -1,6 +1,6 @@
 """Quantized-matmul kernels at LLaMA shapes on the CPU: colafx vs the int8 / int4 paths users pick.
 
-    python bench/kernels.py [--dims 576 1024 2048] [--tokens 1 16 128 512 2048] [--repeats 5]
+    python bench/cpu_qmatmul.py [--dims 576 1024 2048] [--tokens 1 16 128 512 2048] [--repeats 5]
 
 For every shape ``x [tokens, d] · W [d, d]ᵀ`` the variants are timed interleaved (each repeat runs
 all of them once, in turn) and the median is reported, because the machine is shared:
