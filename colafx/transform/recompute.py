@@ -108,15 +108,16 @@ def enable_recompute(model: nn.Module, policy: str = "cola-m") -> nn.Module:
 
     Raises:
         ValueError: for an unknown policy, a model without CoLA modules or identifiable blocks, or
-            a model with Hugging Face gradient checkpointing on (CoLA-M replaces it: call
-            ``model.gradient_checkpointing_disable()`` first).
+            a model with Hugging Face activation (gradient) checkpointing on (CoLA-M replaces it:
+            call ``model.activation_checkpointing_disable()`` first; before transformers 5.25,
+            ``gradient_checkpointing_disable``).
     """
     if policy not in POLICIES:
         raise ValueError(f"unknown recompute policy {policy!r}; choose one of {POLICIES}")
     blocks = decoder_blocks(model)
     if any(getattr(b, "gradient_checkpointing", False) for b in blocks.values()):
         raise ValueError("Hugging Face gradient checkpointing is enabled on this model; CoLA-M replaces it: "
-                         "call model.gradient_checkpointing_disable() before enable_recompute")
+                         f"call model.{_hf_checkpointing_disable()}() before enable_recompute")
     disable_recompute(model)
     for block in blocks.values():
         state = _BlockState(policy, block.__dict__.get("forward"))
@@ -152,6 +153,15 @@ def recompute_policy_of(model: nn.Module) -> str | None:
     return next((m.__dict__[_STATE].policy for m in model.modules() if _STATE in m.__dict__), None)
 
 
+def _hf_checkpointing_disable() -> str:
+    """The name of the Hugging Face method that turns checkpointing off: transformers 5.25 renamed
+    ``gradient_checkpointing_disable`` (deprecated, removed in v6) to ``activation_checkpointing_disable``."""
+    from transformers import PreTrainedModel
+
+    renamed = hasattr(PreTrainedModel, "activation_checkpointing_disable")
+    return "activation_checkpointing_disable" if renamed else "gradient_checkpointing_disable"
+
+
 def _checkpointed_forward(self: nn.Module, *args, **kwargs):
     state: _BlockState = self.__dict__[_STATE]
     forward = state.own_forward or functools.partial(type(self).forward, self)
@@ -159,7 +169,8 @@ def _checkpointed_forward(self: nn.Module, *args, **kwargs):
         return forward(*args, **kwargs)
     if self.training and getattr(self, "gradient_checkpointing", False):
         raise RuntimeError("Hugging Face gradient checkpointing was enabled after colafx.enable_recompute; "
-                           "use one of them (model.gradient_checkpointing_disable() or colafx.disable_recompute)")
+                           f"use one of them (model.{_hf_checkpointing_disable()}() on the model or "
+                           "colafx.disable_recompute)")
     args, kwargs, filled = _drop_caches(args, kwargs)
     if filled:
         warnings.warn(f"{type(self).__name__} got a filled KV cache with autograd on: running it without "
