@@ -22,9 +22,9 @@ one node per linear):
 ``ops="contrib-vnni"``: as "contrib", except per-channel W8A8 ``colafx::int8_linear`` → the op's
 per-token quantization in primitive ops (codes + 128 as uint8, zero point 128) →
 ``com.microsoft::MatMulIntegerToFloat`` with the int8 weight [K, N] and its channel scales → ``Mul``
-by the token scales: the op's integers exactly, through onnxruntime's u8·s8 GEMM (1.6-2.6x faster
-than 8-bit MatMulNBits on 128 tokens on an AVX512-VNNI CPU, and 2x on the 49152-wide logits head
-at one token). That GEMM needs int32 dot products (x86 VNNI / AMX, or ARM); on x86 CPUs with AVX2
+by the token scales: the op's integers exactly, through onnxruntime's u8·s8 GEMM (SmolLM2-135M on
+an AVX512-VNNI CPU, ``bench/onnx_latency.py``: 128-token prefill 1.7x faster than "contrib", decode
+1.3x slower, the per-token quantization being ~12 small nodes per linear). That GEMM needs int32 dot products (x86 VNNI / AMX, or ARM); on x86 CPUs with AVX2
 only it sums pairs of products in saturating int16 and the results are wrong, like onnxruntime's
 own QInt8 quantization there.
 
