@@ -24,9 +24,9 @@ per-token quantization in primitive ops (codes + 128 as uint8, zero point 128) �
 ``com.microsoft::MatMulIntegerToFloat`` with the int8 weight [K, N] and its channel scales → ``Mul``
 by the token scales: the op's integers exactly, through onnxruntime's u8·s8 GEMM (SmolLM2-135M on
 an AVX512-VNNI CPU, ``bench/onnx_latency.py``: 128-token prefill 1.7x faster than "contrib", decode
-1.3x slower, the per-token quantization being ~12 small nodes per linear). That GEMM needs int32 dot products (x86 VNNI / AMX, or ARM); on x86 CPUs with AVX2
-only it sums pairs of products in saturating int16 and the results are wrong, like onnxruntime's
-own QInt8 quantization there.
+1.3x slower, the per-token quantization being ~12 small nodes per linear). That GEMM needs int32
+dot products (x86 VNNI / AMX, or ARM); on x86 CPUs with AVX2 only it sums pairs of products in
+saturating int16 and the results are wrong, like onnxruntime's own QInt8 quantization there.
 
 ``ops="standard"`` (ai.onnx operators only, for runtimes other than onnxruntime):
 
