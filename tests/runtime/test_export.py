@@ -287,6 +287,13 @@ def test_quant_mode_must_match_how_the_model_was_prepared(int8_export, tiny_mode
     assert not list(tmp_path.iterdir())  # nothing written on error
 
 
+def test_the_cli_offers_exactly_the_onnx_ops_the_translation_table_takes():
+    # export.py keeps its own copy so that `colafx --help` does not import onnxscript
+    from colafx.kernels.onnx import ONNX_OPS
+
+    assert export_module.ONNX_OPS == ONNX_OPS
+
+
 def test_unsupported_model_is_a_clear_error(tmp_path):
     from tests.llama_plain import PlainLlama
 
