@@ -33,8 +33,9 @@ to the reference, few torch ops) and multiplied by one of five backends (:func:`
   ``reduce_range``), ``u8 = q + 64 ≤ 127``: one GEMM, no saturation on AVX2, ~6 dB lower SQNR.
 * ``"fbgemm_a7"``: the same 7-bit per-token codes through FBGEMM's u8·s8 GEMM (2-4x faster than
   oneDNN's on AVX2 at 1-16 tokens).
-  The FBGEMM backends hand FBGEMM the codes of ``quantize_tokens`` as floats with scale 1 (the same
-  codes as the other backends). Only weights used twice unchanged are FBGEMM-packed (packing costs 35-105 one-token calls); a
+  The FBGEMM backends run the fused C++ op of :mod:`.cpu_w8a8` (per-token codes, FBGEMM's GEMM on
+  them, per-token rescale and bias in one call; compiled on first use) where it is built, else
+  hand FBGEMM the codes of ``quantize_tokens`` as floats with scale 1: the same bits either way. Only weights used twice unchanged are FBGEMM-packed (packing costs 35-105 one-token calls); a
   weight on its first use or changed in place runs ``torch._int_mm`` (``"fbgemm"``) or
   ``"onednn_a7"``.
 
@@ -69,6 +70,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from . import cpu_w8a8
 from .quant import (
     QMAX,
     _quantize_rows_triton,
@@ -531,15 +533,20 @@ def _fbgemm_weight(codes, shape: torch.Size, w_scale: torch.Tensor, cache_key: O
     return None if cache_key is None else _cached_pack(_FBGEMM, cache_key, shape, pack, lazy=True)
 
 
-def _fbgemm_linear(x2: torch.Tensor, packed, qmax: int) -> torch.Tensor:
-    """``(q(x) · Wᵀ) · w_scale · s`` as fp32 [M, N] through FBGEMM, ``q, s = quantize_tokens(x,
-    qmax)`` (bit-identical codes: FBGEMM gets them as floats with scale 1 and zero point
-    ``qmax + 1``; handing it ``x / s`` to round would flip codes near ties, as its quantizer adds
-    the zero point before rounding)."""
+def _fbgemm_linear(x2: torch.Tensor, packed, qmax: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``(q(x) · Wᵀ) · w_scale · s (+ bias)`` as fp32 [M, N] through FBGEMM, ``q, s =
+    quantize_tokens(x, qmax)``, ``bias`` fp32 [N] contiguous or None: the fused C++ op
+    (:mod:`.cpu_w8a8`) where it is built, else ATen calls with the same bits (FBGEMM gets the codes
+    as floats with scale 1 and zero point ``qmax + 1``; handing it ``x / s`` to round would flip
+    codes near ties, as its quantizer adds the zero point before rounding)."""
+    fused = cpu_w8a8.w8a8_linear(x2.float().contiguous(), packed, qmax, bias)
+    if fused is not None:
+        return fused
     # the packet's C++ entry: skips the Python check for fake script objects (~10 us; eager only)
     fbgemm = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32._op
     codes, scale = token_codes(x2, qmax)
-    return fbgemm(codes, 1.0, qmax + 1, packed).mul_(scale)
+    acc = fbgemm(codes, 1.0, qmax + 1, packed).mul_(scale)
+    return acc if bias is None else acc.add_(bias)
 
 
 def _scaled_gemm(qx: torch.Tensor, codes, shape: torch.Size, w_scale: torch.Tensor, name: str,
@@ -663,8 +670,9 @@ def _qlinear_cpu(x, qweight, w_scale, bias, act_bits, bits):
         packed = _current_pack(_FBGEMM, qweight)  # the cheap check first: the hot path of a packed weight
         if packed is None:  # packed on its second unchanged use
             packed = _fbgemm_weight(codes, shape, w_scale, qweight)
-        if packed is not None:
-            return _epilogue(_fbgemm_linear(x2, packed, qmax), x, bias, n)
+        if packed is not None and k:
+            fp32_bias = None if bias is None else bias.float().contiguous()
+            return _epilogue(_fbgemm_linear(x2, packed, qmax, fp32_bias), x, None, n)
     qx, sx = quantize_tokens(x2, qmax)
     if groups == 1 and qx.numel() and n:
         cache_key = None if name in _FBGEMM_BACKENDS else qweight  # the FBGEMM backends keep no oneDNN copy

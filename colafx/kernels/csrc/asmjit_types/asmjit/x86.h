@@ -1,0 +1,2 @@
+#pragma once
+#include "core.h"  // the type-only stand-in (see core.h)
