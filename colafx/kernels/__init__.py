@@ -7,7 +7,7 @@ reference (``*_ref``):
 * :mod:`.lowrank` — ``lowrank_act``: fused ``σ(x·Wᵀ)`` with a recomputing backward (CoLA / CoLA-M)
 * :mod:`.quant` — int8 per-token activations, int8 / int4 weights, nearest / stochastic rounding
 * :mod:`.qmatmul` — W8A8 / W8A16 / W4A8 / W4A16 linears with fused dequantization
-* :mod:`.cpu_w8a8` — the fused per-token W8A8 CPU op on FBGEMM's packed weight (C++, built on first use)
+* :mod:`.cpu_ext` — C++ CPU ops built on first use: fused per-token W8A8 linears, QuZO's integer steps
 * :mod:`.zo` — in-place seeded ZO perturbation / update for float and integer weights (QuZO)
 * :mod:`.onnx` — ONNX translations of the inference ops (``onnx_translation_table``)
 """

@@ -33,9 +33,10 @@ to the reference, few torch ops) and multiplied by one of five backends (:func:`
   ``reduce_range``), ``u8 = q + 64 ≤ 127``: one GEMM, no saturation on AVX2, ~6 dB lower SQNR.
 * ``"fbgemm_a7"``: the same 7-bit per-token codes through FBGEMM's u8·s8 GEMM (2-4x faster than
   oneDNN's on AVX2 at 1-16 tokens).
-  The FBGEMM backends run the fused C++ op of :mod:`.cpu_w8a8` (per-token codes, FBGEMM's GEMM on
+  The FBGEMM backends run the fused C++ op of :mod:`.cpu_ext` (per-token codes, FBGEMM's GEMM on
   them, per-token rescale and bias in one call; compiled on first use) where it is built, else
-  hand FBGEMM the codes of ``quantize_tokens`` as floats with scale 1: the same bits either way. Only weights used twice unchanged are FBGEMM-packed (packing costs 35-105 one-token calls); a
+  hand FBGEMM the codes of ``quantize_tokens`` as floats with scale 1: the same bits either way.
+  Where ``torch._int_mm`` runs, the fused op of :mod:`.cpu_ext` runs it with the same bits. Only weights used twice unchanged are FBGEMM-packed (packing costs 35-105 one-token calls); a
   weight on its first use or changed in place runs ``torch._int_mm`` (``"fbgemm"``) or
   ``"onednn_a7"``.
 
@@ -70,7 +71,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from . import cpu_w8a8
+from . import cpu_ext
 from .quant import (
     QMAX,
     _quantize_rows_triton,
@@ -536,10 +537,10 @@ def _fbgemm_weight(codes, shape: torch.Size, w_scale: torch.Tensor, cache_key: O
 def _fbgemm_linear(x2: torch.Tensor, packed, qmax: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """``(q(x) · Wᵀ) · w_scale · s (+ bias)`` as fp32 [M, N] through FBGEMM, ``q, s =
     quantize_tokens(x, qmax)``, ``bias`` fp32 [N] contiguous or None: the fused C++ op
-    (:mod:`.cpu_w8a8`) where it is built, else ATen calls with the same bits (FBGEMM gets the codes
+    (:mod:`.cpu_ext`) where it is built, else ATen calls with the same bits (FBGEMM gets the codes
     as floats with scale 1 and zero point ``qmax + 1``; handing it ``x / s`` to round would flip
     codes near ties, as its quantizer adds the zero point before rounding)."""
-    fused = cpu_w8a8.w8a8_linear(x2.float().contiguous(), packed, qmax, bias)
+    fused = cpu_ext.w8a8_linear(x2.float().contiguous(), packed, qmax, bias)
     if fused is not None:
         return fused
     # the packet's C++ entry: skips the Python check for fake script objects (~10 us; eager only)
@@ -666,13 +667,18 @@ def _qlinear_cpu(x, qweight, w_scale, bias, act_bits, bits):
 
     shape = torch.Size((n, k))
     qmax = A7_QMAX if name in _A7 else QMAX[8]
+    fp32_bias = None if bias is None else bias.float().contiguous()
     if name in _FBGEMM_BACKENDS and groups == 1 and x2.shape[0]:
         packed = _current_pack(_FBGEMM, qweight)  # the cheap check first: the hot path of a packed weight
         if packed is None:  # packed on its second unchanged use
             packed = _fbgemm_weight(codes, shape, w_scale, qweight)
         if packed is not None and k:
-            fp32_bias = None if bias is None else bias.float().contiguous()
             return _epilogue(_fbgemm_linear(x2, packed, qmax, fp32_bias), x, None, n)
+    if groups == 1 and x2.shape[0] and k and n and _runs_int_mm(name, codes, shape, qweight):
+        out = cpu_ext.w8a8_int_mm(x2.float().contiguous(), codes(), w_scale.reshape(n).float().contiguous(),
+                                   qmax, fp32_bias)
+        if out is not None:
+            return _epilogue(out, x, None, n)
     qx, sx = quantize_tokens(x2, qmax)
     if groups == 1 and qx.numel() and n:
         cache_key = None if name in _FBGEMM_BACKENDS else qweight  # the FBGEMM backends keep no oneDNN copy
@@ -683,6 +689,17 @@ def _qlinear_cpu(x, qweight, w_scale, bias, act_bits, bits):
         q = unpack_int4(qweight) if bits == 4 else qweight
         acc = F.linear(qx.float(), dequantize_ref(q, w_scale))
     return _epilogue(acc.mul_(sx), x, bias, n)
+
+
+def _runs_int_mm(name: str, codes, shape: torch.Size, qweight: torch.Tensor) -> bool:
+    """True where :func:`_scaled_gemm` would run ``torch._int_mm`` and the fused op of
+    :mod:`.cpu_ext` is built (it then runs instead). For "onednn" this does the weight's packing
+    bookkeeping that :func:`_scaled_gemm` would (packed on its second unchanged use)."""
+    if name in ("int_mm", "fbgemm"):  # "fbgemm" here: a weight not (yet) FBGEMM-packed
+        return cpu_ext.extension() is not None
+    if name != "onednn" or not _has_int8_dot_instructions() or cpu_ext.extension() is None:
+        return False
+    return _onednn_weight(codes, shape, qweight, lazy=True)[0] is None
 
 
 def _epilogue(acc: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor], n: int) -> torch.Tensor:

@@ -165,6 +165,17 @@ def cpu_range(kind: str, seed: int, lo: int, hi: int) -> torch.Tensor:
     """
     import numpy as np
 
+    raw = cpu_bits(kind, seed, lo, hi)
+    if kind == "normal":
+        return torch.from_numpy(np.take(_normal_table(), raw))
+    return torch.from_numpy(np.multiply(raw, np.float32(2.0**-16), dtype=np.float32))
+
+
+def cpu_bits(kind: str, seed: int, lo: int, hi: int):
+    """The raw 16-bit numbers ``[lo, hi)`` behind :func:`cpu_range` (numpy uint16, 1-D).
+    Raises ValueError for a bad ``kind``."""
+    import numpy as np
+
     if kind not in ("uniform", "normal"):
         raise ValueError(f"kind must be 'uniform' or 'normal', got {kind!r}")
     first = lo // 4  # one 64-bit draw is 4 numbers
@@ -172,10 +183,7 @@ def cpu_range(kind: str, seed: int, lo: int, hi: int) -> torch.Tensor:
     if first:
         bits.advance(first)
     skip, n = lo - 4 * first, max(0, hi - lo)
-    raw = bits.random_raw(-(-(skip + n) // 4)).view(np.uint16)[skip:skip + n]
-    if kind == "normal":
-        return torch.from_numpy(np.take(_normal_table(), raw))
-    return torch.from_numpy(np.multiply(raw, np.float32(2.0**-16), dtype=np.float32))
+    return bits.random_raw(-(-(skip + n) // 4)).view(np.uint16)[skip:skip + n]
 
 
 def cpu_noise(kind: str, seed: int, numel: int) -> torch.Tensor:

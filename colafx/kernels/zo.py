@@ -39,16 +39,20 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
 
+from . import cpu_ext
 from .quant import (
     CPU_CHUNK,
     QMAX,
+    _normal_table,
     check_bits,
     check_float,
     check_seed,
+    cpu_bits,
     cpu_noise,
     cpu_range,
     derive_seed,
@@ -356,17 +360,28 @@ def _store_rows(values: torch.Tensor, bits: int, low: int, high: int) -> torch.T
     return q if bits == 8 else pack_int4(q)
 
 
-def _cpu_int(qweight, w_scale, bits, seed, rseed, fn):
-    """Apply ``fn(q_rows int8 [r, K], scale_rows, u, noise) -> stored rows`` on row chunks in place."""
+def _cpu_int(qweight, w_scale, bits, seed, rseed, fn, fused: dict):
+    """Apply ``fn(q_rows int8 [r, K], scale_rows, u, noise) -> stored rows`` on row chunks in place,
+    or the same step in one C++ pass per chunk (:func:`colafx.kernels.cpu_ext.zo_int_rows` with the
+    arguments ``fused``) where it is built and the weight is contiguous."""
     n = qweight.shape[0]
     k = qweight.shape[1] * (2 if bits == 4 else 1)
     if n == 0 or k == 0:
         return
     rows = max(1, CPU_CHUNK // k)
+    scales = w_scale.float().contiguous()
+    table = torch.from_numpy(_normal_table())
+    use_ext = qweight.is_contiguous()
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         lo, hi = r0 * k, r1 * k
         block = qweight[r0:r1]
+        if use_ext:
+            normal = torch.from_numpy(cpu_bits("normal", seed, lo, hi).view(np.int16))
+            uniform = torch.from_numpy(cpu_bits("uniform", rseed, lo, hi).view(np.int16))
+            if cpu_ext.zo_int_rows(block, scales[r0:r1], normal, uniform, table, bits, **fused):
+                continue
+            use_ext = False
         block.copy_(fn(block, w_scale[r0:r1], cpu_range("normal", seed, lo, hi), cpu_range("uniform", rseed, lo, hi)))
 
 
@@ -403,7 +418,8 @@ def _zo_perturb_int_op(qweight: torch.Tensor, w_scale: torch.Tensor, seed: int, 
     def step(block, scales, u, noise):
         return _perturb_rows(block, scales, u, noise, eps, sign, bits)
 
-    _cpu_int(qweight, w_scale, bits, seed, rounding_seed, step)
+    fused = dict(update=False, a=eps, lr=0.0, weight_decay=0.0, sign=sign, head=HEADROOM[bits], low=low, high=high)
+    _cpu_int(qweight, w_scale, bits, seed, rounding_seed, step, fused)
 
 
 @torch.library.custom_op("colafx::zo_update_int_", mutates_args=("qweight",))
@@ -418,7 +434,8 @@ def _zo_update_int_op(qweight: torch.Tensor, w_scale: torch.Tensor, seed: int, l
     def step(block, scales, u, noise):
         return _update_rows(block, scales, u, noise, lr, grad_scalar, weight_decay, bits)
 
-    _cpu_int(qweight, w_scale, bits, seed, rounding_seed, step)
+    fused = dict(update=True, a=grad_scalar, lr=lr, weight_decay=weight_decay, sign=0, head=0, low=-limit, high=limit)
+    _cpu_int(qweight, w_scale, bits, seed, rounding_seed, step, fused)
 
 
 for _op in (_zo_perturb_op, _zo_update_op, _zo_perturb_int_op, _zo_update_int_op):

@@ -1,0 +1,9 @@
+// Declarations shared by the CPU ops' sources (one extension module, bound in w8a8.cpp).
+#pragma once
+#include <ATen/ATen.h>
+
+// In place on rows of an int8 [r, K] (bits 8) or packed uint8 [r, K / 2] (bits 4) weight: QuZO's
+// integer perturbation (update false) or update (true). See zo.cpp.
+void zo_int_rows(at::Tensor q, const at::Tensor& scales, const at::Tensor& normal_bits,
+                 const at::Tensor& uniform_bits, const at::Tensor& table, int64_t bits, bool update, double a,
+                 double lr, double weight_decay, int64_t sign, int64_t head, int64_t low, int64_t high);

@@ -1,0 +1,249 @@
+"""The fused C++ W8A8 op (kernels/cpu_ext.py, csrc/w8a8_fbgemm.cpp) against the ATen path it
+replaces: the same bits, its fallbacks, and a failed build that warns and keeps working."""
+import shutil
+import warnings
+
+import pytest
+import torch
+
+from colafx.kernels import cpu_ext, qmatmul
+from colafx.kernels.qmatmul import int8_linear, qlinear_ref
+from colafx.kernels.quant import quantize_weight
+from colafx.kernels.zo import ZO_QMAX, zo_perturb_int_, zo_update_
+
+from .conftest import REL_TOL, rel_err
+
+needs_fbgemm = pytest.mark.skipif(not qmatmul._fbgemm_available(), reason="torch build without FBGEMM")
+needs_compiler = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler to build the op")
+BACKENDS = ["fbgemm_a7"] + (["fbgemm"] if qmatmul._has_int8_dot_instructions() else [])
+ZO_CASES = [(8, 45, 96, None), (8, 7, 100, 20), (4, 45, 96, None), (4, 9, 128, 32), (8, 1728, 576, None)]
+
+
+def _packed_case(m, k, n, seed=0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(m, k, generator=gen) * 3).to(dtype)
+    qw = quantize_weight(torch.randn(n, k, generator=gen) / k**0.5, 8)
+    return x, qw, torch.randn(n, generator=gen)
+
+
+def _aten_path(monkeypatch, fn):
+    with monkeypatch.context() as patch:
+        patch.setattr(cpu_ext, "_EXT", False)
+        return fn()
+
+
+@needs_compiler
+def test_ops_build_where_a_compiler_is():
+    assert cpu_ext.extension() is not None
+
+
+@needs_fbgemm
+@needs_compiler
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("m, k, n, dtype", [(1, 40, 33, torch.float32), (3, 77, 48, torch.float32),
+                                            (17, 576, 129, torch.float32), (130, 1000, 65, torch.float32),
+                                            (5, 23, 16, torch.bfloat16)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_w8a8_is_bit_identical_to_the_aten_path(monkeypatch, backend, threads, m, k, n, dtype, bias):
+    """Odd K (vector tails) and N, one token to many rows, bf16 input, 1 and 2 threads: the fused
+    op runs (counted) and its output equals the ATen path's exactly."""
+    x, qw, b = _packed_case(m, k, n, dtype=dtype)
+    b = b if bias else None
+    calls = []
+    fused = cpu_ext.w8a8_linear
+    monkeypatch.setattr(cpu_ext, "w8a8_linear", lambda *a: calls.append(1) or fused(*a))
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with qmatmul.use_cpu_int8_backend(backend):
+            int8_linear(x, qw.qweight, qw.scale, b)  # first use: not packed yet
+            assert not calls
+            out = int8_linear(x, qw.qweight, qw.scale, b)  # packed: the fused op
+            assert calls
+            ref = _aten_path(monkeypatch, lambda: int8_linear(x, qw.qweight, qw.scale, b))
+    finally:
+        torch.set_num_threads(old_threads)
+    assert out.dtype == dtype and torch.equal(out, ref)
+    qmax = qmatmul.A7_QMAX if backend == "fbgemm_a7" else 127
+    assert rel_err(out, qlinear_ref(x, qw.qweight, qw.scale, b, act_qmax=qmax)) <= 2 * REL_TOL[dtype]
+
+
+INT_MM_BACKENDS = ["int_mm", "fbgemm"] + (["onednn"] if qmatmul._onednn_available() else [])
+
+
+@needs_fbgemm
+@needs_compiler
+@pytest.mark.skipif(not qmatmul._has_int8_dot_instructions(),
+                    reason="torch._int_mm is a slow loop without VNNI / AMX; no default backend runs it there")
+@pytest.mark.parametrize("backend", INT_MM_BACKENDS)
+@pytest.mark.parametrize("m, k, n, dtype", [(1, 40, 33, torch.float32), (17, 77, 48, torch.float32),
+                                            (130, 200, 65, torch.float32), (5, 23, 16, torch.bfloat16)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_int_mm_path_is_bit_identical_on_weights_changed_in_place(monkeypatch, backend, m, k, n, dtype, bias):
+    """QuZO's weights change before every forward, so they are never packed and run
+    torch._int_mm: the fused op runs there (counted) with the ATen path's exact output, call after call."""
+    x, qw, b = _packed_case(m, k, n, dtype=dtype)
+    b = b if bias else None
+    calls = []
+    fused = cpu_ext.w8a8_int_mm
+    monkeypatch.setattr(cpu_ext, "w8a8_int_mm", lambda *a: calls.append(1) or fused(*a))
+    with qmatmul.use_cpu_int8_backend(backend):
+        for step in range(3):
+            qw.qweight.add_(1 if step % 2 else -1)  # changed in place: never packed
+            before = len(calls)
+            out = int8_linear(x, qw.qweight, qw.scale, b)
+            assert len(calls) == before + 1
+            ref = _aten_path(monkeypatch, lambda: int8_linear(x, qw.qweight, qw.scale, b))
+            assert out.dtype == dtype and torch.equal(out, ref), step
+    assert rel_err(out, qlinear_ref(x, qw.qweight, qw.scale, b)) <= 2 * REL_TOL[dtype]
+
+
+def _zo_steps(qweight, scale, bits):
+    """Perturb +1, -2, +1 and two updates (with and without weight decay): the QuZO step's calls."""
+    for seed, sign in ((3, 1), (3, -2), (3, 1), (4, 2)):
+        zo_perturb_int_(qweight, scale, seed=seed, eps=0.37, sign=sign, bits=bits)
+    for wd in (0.0, 0.1):
+        zo_update_(qweight, seed=9, lr=0.3, grad_scalar=1.7, weight_decay=wd, w_scale=scale, bits=bits)
+
+
+@needs_compiler
+@pytest.mark.parametrize("bits, n, k, group_size", ZO_CASES)
+def test_fused_zo_integer_steps_are_bit_identical_to_the_aten_path(monkeypatch, bits, n, k, group_size):
+    """int8 / int4, per channel / per group (a group of 20: not a vector multiple), odd row counts:
+    the C++ pass (counted) leaves the weight bit-identical to the ATen path's, step after step."""
+    gen = torch.Generator().manual_seed(n)
+    qw = quantize_weight(torch.randn(n, k, generator=gen), bits, group_size, qmax=ZO_QMAX[bits])
+    fused, aten = qw.qweight.clone(), qw.qweight.clone()
+    calls = []
+    ext_step = cpu_ext.zo_int_rows
+    monkeypatch.setattr(cpu_ext, "zo_int_rows", lambda *a, **kw: calls.append(1) or ext_step(*a, **kw))
+    _zo_steps(fused, qw.scale, bits)
+    assert len(calls) >= 6
+    _aten_path(monkeypatch, lambda: _zo_steps(aten, qw.scale, bits))
+    assert torch.equal(fused, aten) and not torch.equal(fused, qw.qweight)
+
+
+@needs_fbgemm
+@needs_compiler
+@pytest.mark.parametrize("capability", ["AVX2", "DEFAULT"])
+def test_builds_for_narrower_vector_units_are_bit_identical_too(monkeypatch, capability):
+    """The AVX2 intrinsics and the plain-C++ loops (what an AVX2-only or non-AVX CPU compiles),
+    built here by naming that capability: W8A8 and the ZO steps give the ATen paths' bits."""
+    here = torch.backends.cpu.get_cpu_capability()
+    if here == capability or (capability == "AVX2" and here != "AVX512"):
+        pytest.skip(f"this CPU's own build ({here}) is the one the other tests check")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(cpu_ext, "_EXT", None)
+    assert f"_{capability.lower()}_" in cpu_ext.extension().__name__
+    for backend in BACKENDS:
+        for m, k, n in [(1, 40, 33), (9, 77, 48), (33, 129, 16)]:
+            x, qw, b = _packed_case(m, k, n, seed=m)
+            with qmatmul.use_cpu_int8_backend(backend):
+                for _ in range(2):
+                    out = int8_linear(x, qw.qweight, qw.scale, b)
+                assert qmatmul._current_pack(qmatmul._FBGEMM, qw.qweight) is not None
+                ref = _aten_path(monkeypatch, lambda: int8_linear(x, qw.qweight, qw.scale, b))
+            assert torch.equal(out, ref), (backend, m, k, n)
+    for bits, n, k, group_size in ZO_CASES[:4]:
+        qw = quantize_weight(torch.randn(n, k), bits, group_size, qmax=ZO_QMAX[bits])
+        fused, aten = qw.qweight.clone(), qw.qweight.clone()
+        _zo_steps(fused, qw.scale, bits)
+        _aten_path(monkeypatch, lambda: _zo_steps(aten, qw.scale, bits))
+        assert torch.equal(fused, aten), (bits, n, k, group_size)
+
+
+@needs_compiler
+def test_build_without_fbgemm_keeps_the_int_mm_and_zo_ops(monkeypatch):
+    """torch builds without FBGEMM (aarch64 wheels) compile the ops that do not need it."""
+    monkeypatch.setattr(cpu_ext, "_has_fbgemm", lambda: False)
+    monkeypatch.setattr(cpu_ext, "_EXT", None)
+    ext = cpu_ext.extension()
+    assert "_nofbgemm_" in ext.__name__ and not hasattr(ext, "w8a8_linear")
+    bits, n, k, group_size = ZO_CASES[3]
+    qw = quantize_weight(torch.randn(n, k), bits, group_size, qmax=ZO_QMAX[bits])
+    fused, aten = qw.qweight.clone(), qw.qweight.clone()
+    _zo_steps(fused, qw.scale, bits)
+    _aten_path(monkeypatch, lambda: _zo_steps(aten, qw.scale, bits))
+    assert torch.equal(fused, aten)
+    x, w8, _ = _packed_case(5, 64, 32)
+    out = cpu_ext.w8a8_int_mm(x, w8.qweight, w8.scale.reshape(-1), 127, None)
+    assert rel_err(out, qlinear_ref(x, w8.qweight, w8.scale)) <= REL_TOL[torch.float32]
+
+
+@needs_fbgemm
+@needs_compiler
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_fused_w8a8_leaves_rows_with_inf_or_nan_to_the_aten_path(monkeypatch, bad):
+    x, qw, b = _packed_case(4, 64, 32)
+    x[2, 5] = bad
+    with qmatmul.use_cpu_int8_backend(BACKENDS[-1]):
+        for _ in range(2):  # packed on its second use
+            int8_linear(x[:1], qw.qweight, qw.scale, b)
+        packed = qmatmul._current_pack(qmatmul._FBGEMM, qw.qweight)
+        assert packed is not None
+        assert cpu_ext.w8a8_linear(x, packed, 127, b) is None
+        assert cpu_ext.w8a8_linear(x[:2], packed, 127, b) is not None
+        out = int8_linear(x, qw.qweight, qw.scale, b)
+        ref = _aten_path(monkeypatch, lambda: int8_linear(x, qw.qweight, qw.scale, b))
+    torch.testing.assert_close(out, ref, rtol=0, atol=0, equal_nan=True)
+
+
+@needs_fbgemm
+@needs_compiler
+def test_fused_w8a8_rejects_a_feature_count_the_weight_does_not_have():
+    x, qw, b = _packed_case(2, 64, 32)
+    with qmatmul.use_cpu_int8_backend(BACKENDS[-1]):
+        for _ in range(2):  # packed on its second use
+            int8_linear(x[:1], qw.qweight, qw.scale, b)
+        packed = qmatmul._current_pack(qmatmul._FBGEMM, qw.qweight)
+        with pytest.raises(RuntimeError, match="x has 63 features, the weight 64"):
+            cpu_ext.w8a8_linear(x[:, :63].contiguous(), packed, 127, None)
+
+
+@needs_fbgemm
+def test_failed_build_warns_once_and_the_aten_path_gives_the_results(monkeypatch):
+    from torch.utils import cpp_extension
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Error building extension: c++: command not found\nmore detail")
+
+    monkeypatch.setattr(cpu_ext, "_EXT", None)
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    x, qw, b = _packed_case(3, 64, 32)
+    with qmatmul.use_cpu_int8_backend(BACKENDS[-1]):
+        with pytest.warns(UserWarning, match=r"could not be built \(RuntimeError: Error building extension: "
+                                             r"c\+\+: command not found\)"):
+            out = int8_linear(x, qw.qweight, qw.scale, b)  # first use: the torch._int_mm route
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            again = int8_linear(x, qw.qweight, qw.scale, b)  # packed on its second use
+            third = int8_linear(x, qw.qweight, qw.scale, b)
+    qmax = qmatmul.A7_QMAX if BACKENDS[-1] == "fbgemm_a7" else 127
+    assert torch.equal(out, again) and torch.equal(out, third)
+    assert rel_err(out, qlinear_ref(x, qw.qweight, qw.scale, b, act_qmax=qmax)) <= REL_TOL[torch.float32]
+
+
+def test_env_var_zero_skips_the_build(monkeypatch):
+    from torch.utils import cpp_extension
+
+    monkeypatch.setattr(cpu_ext, "_EXT", None)
+    monkeypatch.setenv("COLAFX_CPU_EXT", "0")
+    monkeypatch.setattr(cpp_extension, "load", lambda *a, **k: pytest.fail("built despite COLAFX_CPU_EXT=0"))
+    assert cpu_ext.extension() is None
+
+
+def test_build_finds_the_ninja_package_when_the_venv_is_not_on_path(monkeypatch):
+    """``.venv/bin/python -m pytest`` without activating the venv: ninja's pip binary is put on
+    PATH for the build only."""
+    ninja = pytest.importorskip("ninja")
+    from torch.utils import cpp_extension
+
+    seen = []
+    monkeypatch.setattr(cpu_ext, "_EXT", None)
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.setattr(cpu_ext.shutil, "which", lambda name: None)
+    monkeypatch.setattr(cpp_extension, "load", lambda *a, **k: seen.append(cpu_ext.os.environ["PATH"]) or "module")
+    assert cpu_ext.extension() == "module"
+    assert seen[0].split(cpu_ext.os.pathsep)[0] == ninja.BIN_DIR
+    assert cpu_ext.os.environ["PATH"] == "/nonexistent"
