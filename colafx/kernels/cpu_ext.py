@@ -10,6 +10,8 @@ perturbation / update.
   ``_int_mm``'s int32 result: no fp32 temporary). Source: ``csrc/w8a8.cpp``.
 * ``zo_int_rows(...)``: :mod:`.zo`'s integer perturbation / update of a block of weight rows in
   one pass from the raw 16-bit noise, bit-identical to its ATen path. Source: ``csrc/zo.cpp``.
+* ``dequant_int4_bf16(qweight, w_scale)``: a packed int4 weight as bf16 in one pass, for W4A16
+  with many tokens (a bf16 GEMM on it beats ATen's int4 kernel there). Source: ``csrc/dequant.cpp``.
 
 The ops are compiled on first use with ``torch.utils.cpp_extension.load`` (about 30 s on 2 cores,
 then cached in ``~/.cache/torch_extensions`` under a name that encodes the sources, torch's version
@@ -32,7 +34,7 @@ import torch
 from .quant import SCALE_FLOOR
 
 _CSRC = Path(__file__).with_name("csrc")
-_SOURCES = (_CSRC / "w8a8.cpp", _CSRC / "zo.cpp")  # w8a8.cpp holds the Python bindings
+_SOURCES = (_CSRC / "w8a8.cpp", _CSRC / "zo.cpp", _CSRC / "dequant.cpp")  # w8a8.cpp holds the bindings
 _ASMJIT_TYPES = _CSRC / "asmjit_types"
 _ISA_FLAGS = {  # what torch's own CPU kernels were dispatched to on this CPU -> compiler flags
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma"],
@@ -123,3 +125,10 @@ def zo_int_rows(block: torch.Tensor, scales: torch.Tensor, normal_bits: torch.Te
     ext.zo_int_rows(block, scales, normal_bits, uniform_bits, table, bits, update, a, lr, weight_decay, sign,
                     head, low, high)
     return True
+
+
+def dequant_int4_bf16(qweight: torch.Tensor, w_scale: torch.Tensor) -> Optional[torch.Tensor]:
+    """The bf16 [N, K] weight of a packed int4 ``qweight`` (uint8 [N, K / 2]) with fp32 scales
+    [N, G] (``dequantize_ref(q, s).to(torch.bfloat16)``, bit for bit); None when unavailable."""
+    ext = extension()
+    return None if ext is None else ext.dequant_int4_bf16(qweight.contiguous(), w_scale.float().contiguous())

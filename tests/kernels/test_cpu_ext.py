@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from colafx.kernels import cpu_ext, qmatmul
-from colafx.kernels.qmatmul import int8_linear, qlinear_ref
-from colafx.kernels.quant import quantize_weight
+from colafx.kernels.qmatmul import int4_linear, int8_linear, qlinear_ref
+from colafx.kernels.quant import dequantize_weight, quantize_weight
 from colafx.kernels.zo import ZO_QMAX, zo_perturb_int_, zo_update_
 
 from .conftest import REL_TOL, rel_err
@@ -124,12 +124,49 @@ def test_fused_zo_integer_steps_are_bit_identical_to_the_aten_path(monkeypatch, 
     assert torch.equal(fused, aten) and not torch.equal(fused, qw.qweight)
 
 
+DEQUANT_CASES = [(45, 96, None), (16, 96, 32), (33, 130, 26), (1728, 576, 32)]
+
+
+def _check_dequant(n, k, group_size):
+    qw = quantize_weight(torch.randn(n, k, generator=torch.Generator().manual_seed(k)), 4, group_size)
+    got = cpu_ext.dequant_int4_bf16(qw.qweight, qw.scale)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, dequantize_weight(qw).to(torch.bfloat16)), (n, k)
+
+
+@needs_compiler
+@pytest.mark.parametrize("n, k, group_size", DEQUANT_CASES)
+def test_int4_to_bf16_dequant_is_bit_identical_to_the_reference(n, k, group_size):
+    """Per channel, groups of 32 and of 26 (a vector tail in every group), many rows."""
+    _check_dequant(n, k, group_size)
+
+
+@needs_compiler
+@pytest.mark.skipif(not qmatmul._has_bf16_dot_instructions(), reason="no AVX512-BF16 / AMX: ATen's int4 kernel runs")
+@pytest.mark.parametrize("m", [32, 129])
+@pytest.mark.parametrize("group_size", [None, 32])
+def test_w4a16_from_32_tokens_runs_a_bf16_gemm_on_the_dequantized_weight(monkeypatch, m, group_size):
+    gen = torch.Generator().manual_seed(m)
+    x = torch.randn(m, 96, generator=gen).bfloat16()
+    qw = quantize_weight(torch.randn(48, 96, generator=gen) / 96**0.5, 4, group_size)
+    b = torch.randn(48, generator=gen)
+    calls = []
+    dequant = cpu_ext.dequant_int4_bf16
+    monkeypatch.setattr(cpu_ext, "dequant_int4_bf16", lambda *a: calls.append(1) or dequant(*a))
+    out = int4_linear(x, qw.qweight, qw.scale, b, group_size, act_bits=16)
+    assert calls and out.dtype == torch.bfloat16 and out.shape == (m, 48)
+    assert rel_err(out, qlinear_ref(x, qw.qweight, qw.scale, b, 16, 4)) <= 2 * REL_TOL[torch.bfloat16]
+    calls.clear()
+    int4_linear(x[:31], qw.qweight, qw.scale, b, group_size, act_bits=16)  # below 32 tokens: ATen's kernel
+    assert not calls
+
+
 @needs_fbgemm
 @needs_compiler
 @pytest.mark.parametrize("capability", ["AVX2", "DEFAULT"])
 def test_builds_for_narrower_vector_units_are_bit_identical_too(monkeypatch, capability):
     """The AVX2 intrinsics and the plain-C++ loops (what an AVX2-only or non-AVX CPU compiles),
-    built here by naming that capability: W8A8 and the ZO steps give the ATen paths' bits."""
+    built here by naming that capability: W8A8, the ZO steps and the int4 dequantization give the
+    reference's bits."""
     here = torch.backends.cpu.get_cpu_capability()
     if here == capability or (capability == "AVX2" and here != "AVX512"):
         pytest.skip(f"this CPU's own build ({here}) is the one the other tests check")
@@ -151,6 +188,8 @@ def test_builds_for_narrower_vector_units_are_bit_identical_too(monkeypatch, cap
         _zo_steps(fused, qw.scale, bits)
         _aten_path(monkeypatch, lambda: _zo_steps(aten, qw.scale, bits))
         assert torch.equal(fused, aten), (bits, n, k, group_size)
+    for case in DEQUANT_CASES:
+        _check_dequant(*case)
 
 
 @needs_compiler
