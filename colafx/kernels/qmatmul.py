@@ -611,7 +611,7 @@ def int8_gemm_cpu(qx: torch.Tensor, qw: torch.Tensor, backend: Optional[str] = N
 
 
 _INT4_GROUPS = (256, 128, 64, 32)  # the group lengths ATen's int4 CPU kernel takes
-_INT4PACKED = None  # WeakTensorKeyDictionary: packed int4 qweight -> (version, dtype, ATen int4pack, scales)
+_INT4PACKED: dict = {}  # id(qweight) -> (weakref, version, (N, K, dtype), (ATen int4pack, scales and zeros))
 
 
 def _aten_int4_group(n: int, group_len: int) -> Optional[int]:
@@ -624,28 +624,25 @@ def _aten_int4_group(n: int, group_len: int) -> Optional[int]:
 
 def _aten_int4_linear(x2: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor) -> Optional[torch.Tensor]:
     """W4A16 for bf16 / fp16 ``x2`` [M, K] through ``aten._weight_int4pack_mm_for_cpu``; None
-    where it does not apply. The repacked weight (same size as ours) is cached per ``qweight``
-    and its version, so a weight changed in place is repacked."""
-    global _INT4PACKED
+    where it does not apply. The repacked weight (same size as ours) is kept per ``qweight`` by
+    :func:`_cached_pack`; a weight changed in place is repacked for each call, never kept again."""
     n, k = qweight.shape[0], qweight.shape[1] * 2
     group_len = k // w_scale.shape[1]
     g = _aten_int4_group(n, group_len)
     if g is None or x2.dtype not in (torch.bfloat16, torch.float16):
         return None
-    if _INT4PACKED is None:
-        from torch.utils.weak import WeakTensorKeyDictionary
 
-        _INT4PACKED = WeakTensorKeyDictionary()
-    version = _tensor_version(qweight)
-    hit = _INT4PACKED.get(qweight) if version is not None else None
-    if hit is None or hit[0] != version or hit[1] != x2.dtype:
+    def pack():
         nibbles = torch.stack(((qweight & 0xF), (qweight >> 4)), dim=-1).reshape(n, k).to(torch.int32)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(nibbles, 2)
         scales = w_scale.repeat_interleave(group_len // g, dim=1).t()  # [K / g, N]; zero 0: w = (u - 8)·s
-        hit = (version, x2.dtype, packed, torch.stack((scales, torch.zeros_like(scales)), -1).to(x2.dtype).contiguous())
-        if version is not None:
-            _INT4PACKED[qweight] = hit
-    return torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), hit[2], g, hit[3])
+        return packed, torch.stack((scales, torch.zeros_like(scales)), -1).to(x2.dtype).contiguous()
+
+    hit = _current_pack(_INT4PACKED, qweight)  # the cheap check first: the hot path of a kept weight
+    if hit is None or hit[1].dtype != x2.dtype:
+        # kept from the first use; a weight changed in place (QuZO) or used with another dtype: this call only
+        hit = _cached_pack(_INT4PACKED, qweight, (n, k, x2.dtype), pack, lazy=False) or pack()
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), hit[0], g, hit[1])
 
 
 _W4A16_BF16_TOKENS = 32  # from here on dequantize + bf16 GEMM beats ATen's int4 kernel (bench/cpu_qmatmul.py)
