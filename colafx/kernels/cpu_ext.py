@@ -44,7 +44,7 @@ _EXT = None  # the loaded module, False after a failed or disabled build
 
 
 def enabled() -> bool:
-    """False when ``COLAFX_CPU_EXT`` is "0" (the fused op is never built or used)."""
+    """False when ``COLAFX_CPU_EXT`` is "0" (the C++ ops are never built or used)."""
     return os.environ.get("COLAFX_CPU_EXT", "1") != "0"
 
 
