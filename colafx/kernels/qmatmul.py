@@ -553,19 +553,24 @@ def _fbgemm_linear(x2: torch.Tensor, packed, qmax: int, bias: Optional[torch.Ten
     return acc if bias is None else acc.add_(bias)
 
 
-def _scaled_gemm(qx: torch.Tensor, codes, shape: torch.Size, w_scale: torch.Tensor, name: str,
-                 cache_key: Optional[torch.Tensor]) -> torch.Tensor:
+def _gemm_weight(codes, shape: torch.Size, name: str, cache_key: Optional[torch.Tensor]):
+    """``(packed, zeros)``: the oneDNN weight :func:`_scaled_gemm` multiplies by for backend
+    ``name`` (kept per ``cache_key`` by :func:`_onednn_weight`), or ``(None, None)`` where it runs
+    ``torch._int_mm``: "int_mm", "fbgemm" (a weight not (yet) FBGEMM-packed) and, on VNNI / AMX,
+    a weight that is not kept packed."""
+    if name in ("int_mm", "fbgemm"):
+        return None, None
+    return _onednn_weight(codes, shape, cache_key, lazy=_has_int8_dot_instructions())
+
+
+def _scaled_gemm(qx: torch.Tensor, codes, w_scale: torch.Tensor, name: str, packed, zeros) -> torch.Tensor:
     """``(qx · Wᵀ) · w_scale[n]`` as fp32 [M, N]; qx int8 contiguous, ``codes()`` the int8 weight
-    W [N, K] = ``shape`` (contiguous), w_scale fp32 [N]."""
-    if name in ("int_mm", "fbgemm"):  # "fbgemm" here: a weight not (yet) FBGEMM-packed
-        return torch.mul(torch._int_mm(qx, codes().t()), w_scale)
-    dot = _has_int8_dot_instructions()
-    packed, zeros = _onednn_weight(codes, shape, cache_key, lazy=dot)
+    W [N, K] (contiguous), w_scale fp32 [N], ``packed, zeros`` from :func:`_gemm_weight`."""
     if packed is None:  # VNNI / AMX: torch._int_mm is exact and fast without packing
         return torch.mul(torch._int_mm(qx, codes().t()), w_scale)
     if name in _A7:  # u8 = q + 64 <= 127: AVX2's int16 pair sums of u8·s8 cannot saturate
         return _onednn_linear(qx.add(64).view(torch.uint8), 64, packed, w_scale, zeros)
-    if dot:  # s8 activations: VNNI / AMX dot products accumulate in int32
+    if _has_int8_dot_instructions():  # s8 activations: VNNI / AMX dot products accumulate in int32
         return _onednn_linear(qx, 0, packed, w_scale, zeros)
     m = qx.shape[0]  # AVX2, exact: q = lo + hi with lo, hi in [-64, 64], one GEMM on [2M, K]
     wide = qx.to(torch.int16)
@@ -602,7 +607,8 @@ def int8_gemm_cpu(qx: torch.Tensor, qw: torch.Tensor, backend: Optional[str] = N
     if qx.shape[0] == 0 or n == 0 or qx.shape[1] == 0:
         return torch.zeros(qx.shape[0], n)
     qw = qw.contiguous()
-    return _scaled_gemm(qx.contiguous(), lambda: qw, qw.shape, scale.contiguous(), name, cache_key)
+    packed, zeros = _gemm_weight(lambda: qw, qw.shape, name, cache_key)
+    return _scaled_gemm(qx.contiguous(), lambda: qw, scale.contiguous(), name, packed, zeros)
 
 
 # --------------------------------------------------------------------------------------------
@@ -698,32 +704,24 @@ def _qlinear_cpu(x, qweight, w_scale, bias, act_bits, bits):
             packed = _fbgemm_weight(codes, shape, w_scale, qweight)
         if packed is not None and k:
             return _epilogue(_fbgemm_linear(x2, packed, qmax, fp32_bias), x, None, n)
-    if groups == 1 and x2.shape[0] and k and n and _runs_int_mm(name, codes, shape, qweight):
-        out = cpu_ext.w8a8_int_mm(x2.float().contiguous(), codes(), w_scale.reshape(n).float().contiguous(),
-                                   qmax, fp32_bias)
-        if out is not None:
-            return _epilogue(out, x, None, n)
-    qx, sx = quantize_tokens(x2, qmax)
-    if groups == 1 and qx.numel() and n:
+    if groups == 1 and x2.shape[0] and k and n:
         cache_key = None if name in _FBGEMM_BACKENDS else qweight  # the FBGEMM backends keep no oneDNN copy
-        acc = _scaled_gemm(qx, codes, shape, w_scale.reshape(n), name, cache_key)
-    elif groups == 1:
+        packed, zeros = _gemm_weight(codes, shape, name, cache_key)
+        if packed is None:  # torch._int_mm: the fused C++ op runs it where it is built
+            out = cpu_ext.w8a8_int_mm(x2.float().contiguous(), codes(), w_scale.reshape(n).float().contiguous(),
+                                       qmax, fp32_bias)
+            if out is not None:
+                return _epilogue(out, x, None, n)
+        qx, sx = quantize_tokens(x2, qmax)
+        acc = _scaled_gemm(qx, codes, w_scale.reshape(n), name, packed, zeros)
+        return _epilogue(acc.mul_(sx), x, bias, n)
+    qx, sx = quantize_tokens(x2, qmax)
+    if groups == 1:
         acc = torch.zeros(qx.shape[0], n)
     else:  # Σ_g sw[n, g]·(qx_g · q_gᵀ) = qx · dequant(W)ᵀ: one fp32 GEMM on the codes, no loop over groups
         q = unpack_int4(qweight) if bits == 4 else qweight
         acc = F.linear(qx.float(), dequantize_ref(q, w_scale))
     return _epilogue(acc.mul_(sx), x, bias, n)
-
-
-def _runs_int_mm(name: str, codes, shape: torch.Size, qweight: torch.Tensor) -> bool:
-    """True where :func:`_scaled_gemm` would run ``torch._int_mm`` and the fused op of
-    :mod:`.cpu_ext` is built (it then runs instead). For "onednn" this does the weight's packing
-    bookkeeping that :func:`_scaled_gemm` would (packed on its second unchanged use)."""
-    if name in ("int_mm", "fbgemm"):  # "fbgemm" here: a weight not (yet) FBGEMM-packed
-        return cpu_ext.extension() is not None
-    if name != "onednn" or not _has_int8_dot_instructions() or cpu_ext.extension() is None:
-        return False
-    return _onednn_weight(codes, shape, qweight, lazy=True)[0] is None
 
 
 def _epilogue(acc: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor], n: int) -> torch.Tensor:
