@@ -51,10 +51,10 @@ Int4 W·A8 per channel: the unpacked int8 codes go through the same GEMM (cached
 static weight is not unpacked per call). Per-group W·A8: one fp32 GEMM of the int8 codes with the
 dequantized weight (fp32 instead of int32 accumulation; no loop over groups). W4A16 with bf16 /
 fp16 x: ATen's ``_weight_int4pack_mm_for_cpu`` (needs N % 16 == 0 and a group length divisible by
-32, 64, 128 or 256; its repacked weight is cached per version), or from 32 tokens on CPUs with
-AVX512-BF16 / AMX the weight dequantized to bf16 in one C++ pass (:mod:`.cpu_ext`) and oneDNN's bf16
-GEMM (2.1-2.4x fp32 at 128 tokens on a Zen 5, where ATen's int4 kernel ran at 0.84-1.0x); other
-W·A16: dequantize + F.linear.
+32, 64, 128 or 256; its repacked weight is kept, and repacked per call once the weight changes in
+place), or from 32 tokens on CPUs with AVX512-BF16 / AMX the weight dequantized to bf16 in one C++
+pass (:mod:`.cpu_ext`) and oneDNN's bf16 GEMM (1.8-2.4x fp32 at 128 tokens in bench/cpu_qmatmul.py
+on a Zen 5, where ATen's int4 kernel ran at 0.78-1.08x); other W·A16: dequantize + F.linear.
 
 Autograd: the ops differentiate with respect to ``x`` (straight-through the activation
 quantizer: ``grad_x = grad · dequant(W)``) and ``bias``; quantized weights and scales are buffers
