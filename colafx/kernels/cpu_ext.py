@@ -12,6 +12,9 @@ perturbation / update.
   one pass from the raw 16-bit noise, bit-identical to its ATen path. Source: ``csrc/zo.cpp``.
 * ``dequant_int4_bf16(qweight, w_scale)``: a packed int4 weight as bf16 in one pass, for W4A16
   with many tokens (a bf16 GEMM on it beats ATen's int4 kernel there). Source: ``csrc/dequant.cpp``.
+* ``w4a16_linear(x, qweight, w_scale, bias)``: W4A16 for few tokens (decode), the int4 weight
+  read once and dequantized in registers: bf16 dot products (``vdpbf16ps``) on AVX512-BF16 CPUs,
+  fp32 FMAs otherwise. Source: ``csrc/w4a16.cpp``.
 
 The ops are compiled on first use with ``torch.utils.cpp_extension.load`` (about 30 s on 2 cores,
 then cached in ``~/.cache/torch_extensions`` under a name that encodes the sources, torch's version
@@ -34,7 +37,7 @@ import torch
 from .quant import SCALE_FLOOR
 
 _CSRC = Path(__file__).with_name("csrc")
-_SOURCES = (_CSRC / "w8a8.cpp", _CSRC / "zo.cpp", _CSRC / "dequant.cpp")  # w8a8.cpp holds the bindings
+_SOURCES = (_CSRC / "w8a8.cpp", _CSRC / "zo.cpp", _CSRC / "dequant.cpp", _CSRC / "w4a16.cpp")  # w8a8.cpp holds the bindings
 _ASMJIT_TYPES = _CSRC / "asmjit_types"
 _ISA_FLAGS = {  # what torch's own CPU kernels were dispatched to on this CPU -> compiler flags
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma"],
@@ -132,3 +135,17 @@ def dequant_int4_bf16(qweight: torch.Tensor, w_scale: torch.Tensor) -> Optional[
     [N, G] (``dequantize_ref(q, s).to(torch.bfloat16)``, bit for bit); None when unavailable."""
     ext = extension()
     return None if ext is None else ext.dequant_int4_bf16(qweight.contiguous(), w_scale.float().contiguous())
+
+
+def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor],
+                 bf16_dot: bool = True) -> Optional[torch.Tensor]:
+    """W4A16 ``x · dequant(qweight)ᵀ (+ bias)`` in x's dtype (fp32 / bf16 / fp16, [..., K]) for few
+    tokens: the int4 weight read once and dequantized in registers, the products summed in fp32.
+    bf16 x with ``bf16_dot`` on an AVX512-BF16 CPU: bf16 dot products of x with the weight rounded
+    to bf16; otherwise fp32 FMAs. The group length must be a multiple of 32. None when the ops are
+    unavailable."""
+    ext = extension()
+    if ext is None:
+        return None
+    return ext.w4a16_linear(x.contiguous(), qweight.contiguous(), w_scale.contiguous(),
+                            None if bias is None else bias.float().contiguous(), bf16_dot)

@@ -629,13 +629,14 @@ def _aten_int4_group(n: int, group_len: int) -> Optional[int]:
 
 
 def _aten_int4_linear(x2: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor) -> Optional[torch.Tensor]:
-    """W4A16 for bf16 / fp16 ``x2`` [M, K] through ``aten._weight_int4pack_mm_for_cpu``; None
-    where it does not apply. The repacked weight (same size as ours) is kept per ``qweight`` by
-    :func:`_cached_pack`; a weight changed in place is repacked for each call, never kept again."""
+    """W4A16 for bf16 ``x2`` [M, K] through ``aten._weight_int4pack_mm_for_cpu``; None where it
+    does not apply (its fp16 path is a slow reference: 24x fp32 at 64 tokens). The repacked weight
+    (same size as ours) is kept per ``qweight`` by :func:`_cached_pack`; a weight changed in place
+    is repacked for each call, never kept again."""
     n, k = qweight.shape[0], qweight.shape[1] * 2
     group_len = k // w_scale.shape[1]
     g = _aten_int4_group(n, group_len)
-    if g is None or x2.dtype not in (torch.bfloat16, torch.float16):
+    if g is None or x2.dtype != torch.bfloat16:
         return None
 
     def pack():
@@ -651,7 +652,7 @@ def _aten_int4_linear(x2: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Te
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), hit[0], g, hit[1])
 
 
-_W4A16_BF16_TOKENS = 32  # from here on dequantize + bf16 GEMM beats ATen's int4 kernel (bench/cpu_qmatmul.py)
+_W4A16_BF16_TOKENS = 32  # below: the C++ few-token kernel; from here: dequantize + bf16 GEMM (bench/cpu_qmatmul.py)
 
 
 def _w4a16_bf16_gemm(x2: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor) -> Optional[torch.Tensor]:
@@ -666,14 +667,40 @@ def _w4a16_bf16_gemm(x2: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Ten
     return None if w is None else F.linear(x2, w)
 
 
+def _w4a16_few_tokens(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
+                      bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """W4A16 (+ bias) of ``x`` [..., K] with fewer than 32 tokens through
+    :func:`.cpu_ext.w4a16_linear` (the int4 weight read once, dequantized in registers); None where
+    it does not apply: a group length that is not a multiple of 32, no C++ ops, or bf16 x with more
+    than 4 tokens on a CPU without bf16 dot products (ATen's int4 kernel is faster there)."""
+    k = x.shape[-1]
+    if not k or (k // w_scale.shape[1]) % 32 or x.dtype not in _W4A16_DTYPES:
+        return None
+    tokens = x.numel() // k
+    if tokens >= _W4A16_BF16_TOKENS:
+        return None
+    bf16_dot = _has_bf16_dot_instructions()
+    if tokens > 4 and x.dtype == torch.bfloat16 and not bf16_dot:
+        return None
+    return cpu_ext.w4a16_linear(x, qweight, w_scale, bias, bf16_dot)
+
+
+_W4A16_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def _has_bf16_dot_instructions() -> bool:
     """True when the CPU multiplies bf16 natively (AVX512-BF16 or AMX): oneDNN's bf16 GEMM is fast."""
     return getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or _has_amx()
 
 
 def _qlinear_cpu(x, qweight, w_scale, bias, act_bits, bits):
-    """CPU fast path: int8 GEMM + fp32 epilogue (W·A8), ATen's int4 kernel (W4A16, 16-bit x), or
-    dequantize + F.linear (other W·A16)."""
+    """CPU fast path: int8 GEMM + fp32 epilogue (W·A8); for W4A16 the C++ kernel (few tokens), a
+    bf16 GEMM on the dequantized weight (many bf16 tokens) or ATen's int4 kernel; else dequantize +
+    F.linear (other W·A16)."""
+    if act_bits == 16 and bits == 4:  # first: decode's hot path
+        out = _w4a16_few_tokens(x, qweight, w_scale, bias)
+        if out is not None:
+            return out
     n = qweight.shape[0]
     k = x.shape[-1]
     groups = w_scale.shape[1]
@@ -684,9 +711,10 @@ def _qlinear_cpu(x, qweight, w_scale, bias, act_bits, bits):
             out = _w4a16_bf16_gemm(x2, qweight, w_scale)
             if out is None:
                 out = _aten_int4_linear(x2, qweight, w_scale)
-        if out is None:
+        if out is None:  # fp16 in fp32: the CPU's fp16 GEMM is a slow path
             q = unpack_int4(qweight) if bits == 4 else qweight
-            out = F.linear(x2, dequantize_ref(q, w_scale).to(x.dtype))
+            dtype = torch.float32 if x.dtype == torch.float16 else x.dtype
+            out = F.linear(x2.to(dtype), dequantize_ref(q, w_scale).to(dtype)).to(x.dtype)
         if bias is not None:
             out = out + bias.to(x.dtype)
         return out.reshape(*x.shape[:-1], n)

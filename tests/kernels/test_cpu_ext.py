@@ -156,8 +156,99 @@ def test_w4a16_from_32_tokens_runs_a_bf16_gemm_on_the_dequantized_weight(monkeyp
     assert calls and out.dtype == torch.bfloat16 and out.shape == (m, 48)
     assert rel_err(out, qlinear_ref(x, qw.qweight, qw.scale, b, 16, 4)) <= 2 * REL_TOL[torch.bfloat16]
     calls.clear()
-    int4_linear(x[:31], qw.qweight, qw.scale, b, group_size, act_bits=16)  # below 32 tokens: ATen's kernel
+    int4_linear(x[:31], qw.qweight, qw.scale, b, group_size, act_bits=16)  # below 32 tokens: the few-token kernel
     assert not calls
+
+
+W4A16_CASES = [(33, 64, 32), (48, 96, None), (100, 1024, 64), (7, 128, 128), (130, 576, 32)]
+W4A16_TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}  # the sum in fp32, one rounding
+
+
+def _w4a16_case(m, n, k, group_size, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(m, k, generator=gen) * 2).to(dtype)
+    qw = quantize_weight(torch.randn(n, k, generator=gen) / k**0.5, 4, group_size)
+    return x, qw, torch.randn(n, generator=gen)
+
+
+def _w4a16_expected(x, qw, bias):
+    """fp64 product with the weight the kernel multiplies: bf16-rounded on the bf16 dot-product path."""
+    w = dequantize_weight(qw)
+    if x.dtype == torch.bfloat16 and qmatmul._has_bf16_dot_instructions():  # patched to False: fp32 FMAs
+        w = w.to(torch.bfloat16)
+    out = x.double() @ w.double().t()
+    return out if bias is None else out + bias.double()
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 3, 9, 31])
+@pytest.mark.parametrize("n, k, group_size", W4A16_CASES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_w4a16_few_token_kernel_matches_the_fp64_product(monkeypatch, dtype, m, n, k, group_size, bias):
+    """Decode-sized W4A16 runs the C++ kernel (counted) for fp32 / bf16 / fp16 x, odd N, per channel
+    and groups of 32..128, token counts that leave partial register blocks: its output is the fp64
+    product of x and the dequantized weight up to the fp32 sum and one rounding to x's dtype."""
+    if dtype == torch.bfloat16 and m > 4 and not qmatmul._has_bf16_dot_instructions():
+        pytest.skip("bf16 x beyond 4 tokens runs ATen's int4 kernel on CPUs without bf16 dot products")
+    _check_w4a16_kernel(monkeypatch, dtype, m, n, k, group_size, bias)
+
+
+@needs_compiler
+@pytest.mark.parametrize("m", [1, 4])
+@pytest.mark.parametrize("n, k, group_size", W4A16_CASES[:3])
+def test_w4a16_few_token_kernel_without_bf16_dot_products_widens_bf16_x_to_fp32(monkeypatch, m, n, k, group_size):
+    """The path of CPUs without AVX512-BF16 (forced here): bf16 x up to 4 tokens, fp32 FMAs on the
+    unrounded weight."""
+    has_bf16_dot = qmatmul._has_bf16_dot_instructions()
+    monkeypatch.setattr(qmatmul, "_has_bf16_dot_instructions", lambda: False)
+    out, x, qw, b = _check_w4a16_kernel(monkeypatch, torch.bfloat16, m, n, k, group_size, True)
+    if has_bf16_dot:  # a different path here: other roundings
+        assert not torch.equal(out, cpu_ext.w4a16_linear(x, qw.qweight, qw.scale, b, True))
+
+
+def _check_w4a16_kernel(monkeypatch, dtype, m, n, k, group_size, bias):
+    x, qw, b = _w4a16_case(m, n, k, group_size, dtype, seed=m + n)
+    b = b if bias else None
+    calls = []
+    kernel = cpu_ext.w4a16_linear
+    monkeypatch.setattr(cpu_ext, "w4a16_linear", lambda *a: calls.append(1) or kernel(*a))
+    out = int4_linear(x, qw.qweight, qw.scale, b, group_size, act_bits=16)
+    assert calls and out.dtype == dtype and out.shape == (m, n)
+    assert rel_err(out, _w4a16_expected(x, qw, b)) <= W4A16_TOL[dtype]
+    return out, x, qw, b
+
+
+@needs_compiler
+@pytest.mark.parametrize("threads", [1, 2])
+def test_w4a16_few_token_kernel_keeps_leading_dims_and_splits_rows_over_threads(threads):
+    x, qw, b = _w4a16_case(6, 200, 256, 64, torch.bfloat16, seed=threads)
+    x3 = x.reshape(2, 3, 256)
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = cpu_ext.w4a16_linear(x3, qw.qweight, qw.scale, b)
+    finally:
+        torch.set_num_threads(old_threads)
+    assert out.shape == (2, 3, 200) and out.dtype == torch.bfloat16
+    assert rel_err(out.reshape(6, 200), _w4a16_expected(x, qw, b)) <= W4A16_TOL[torch.bfloat16]
+
+
+@needs_compiler
+def test_w4a16_few_token_kernel_is_left_out_where_it_does_not_apply(monkeypatch):
+    """32 tokens and more, groups that are not a multiple of 32 and fp64 x take the other paths."""
+    calls = []
+    kernel = cpu_ext.w4a16_linear
+    monkeypatch.setattr(cpu_ext, "w4a16_linear", lambda *a: calls.append(1) or kernel(*a))
+    for m, k, group_size, dtype in [(32, 64, 32, torch.float32), (3, 80, 20, torch.float32), (3, 64, 32, torch.float64)]:
+        x, qw, b = _w4a16_case(m, 16, k, group_size, dtype)
+        out = int4_linear(x, qw.qweight, qw.scale, b, group_size, act_bits=16)
+        assert out.shape == (m, 16) and out.dtype == dtype
+        assert rel_err(out, qlinear_ref(x, qw.qweight, qw.scale, b, 16, 4)) <= REL_TOL[torch.float32]
+    assert not calls
+    x, qw, b = _w4a16_case(3, 16, 80, 20, torch.float32)
+    with pytest.raises(RuntimeError, match="multiples of 32"):
+        kernel(x, qw.qweight, qw.scale, b)
 
 
 @needs_fbgemm
@@ -166,7 +257,7 @@ def test_w4a16_from_32_tokens_runs_a_bf16_gemm_on_the_dequantized_weight(monkeyp
 def test_builds_for_narrower_vector_units_are_bit_identical_too(monkeypatch, capability):
     """The AVX2 intrinsics and the plain-C++ loops (what an AVX2-only or non-AVX CPU compiles),
     built here by naming that capability: W8A8, the ZO steps and the int4 dequantization give the
-    reference's bits."""
+    reference's bits; the W4A16 kernel's fp32 FMAs give the fp64 product up to fp32 rounding."""
     here = torch.backends.cpu.get_cpu_capability()
     if here == capability or (capability == "AVX2" and here != "AVX512"):
         pytest.skip(f"this CPU's own build ({here}) is the one the other tests check")
@@ -190,6 +281,11 @@ def test_builds_for_narrower_vector_units_are_bit_identical_too(monkeypatch, cap
         assert torch.equal(fused, aten), (bits, n, k, group_size)
     for case in DEQUANT_CASES:
         _check_dequant(*case)
+    for dtype in (torch.float32, torch.float16):  # the W4A16 kernel's fp32 FMAs, at this width
+        for m, n, k, group_size in [(1, 33, 64, 32), (9, 48, 96, None), (5, 130, 576, 64)]:
+            x, qw, b = _w4a16_case(m, n, k, group_size, dtype)
+            out = cpu_ext.w4a16_linear(x, qw.qweight, qw.scale, b)
+            assert rel_err(out, _w4a16_expected(x, qw, b)) <= W4A16_TOL[dtype], (capability, dtype, m, n, k)
 
 
 @needs_compiler

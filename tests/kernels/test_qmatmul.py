@@ -366,22 +366,36 @@ def test_bad_inputs_raise(index):
         call()
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("k, group_size", [(96, 32), (192, 64), (96, None)])
-def test_w4a16_with_16_bit_x_runs_atens_int4_kernel_and_follows_in_place_updates(dtype, k, group_size):
-    """N a multiple of 16 and a group length with a divisor in 32..256: ATen's int4 kernel runs
-    (its repacked weight is kept); after an in-place change of the weight it is repacked per call."""
+def test_w4a16_bf16_without_bf16_dot_products_runs_atens_int4_kernel_and_follows_in_place_updates(
+        monkeypatch, k, group_size):
+    """As on an AVX2 CPU (no bf16 dot products), bf16 x with 5 tokens, N a multiple of 16 and a
+    group length with a divisor in 32..256: ATen's int4 kernel runs (its repacked weight is kept);
+    after an in-place change of the weight it is repacked per call."""
+    monkeypatch.setattr(qmatmul, "_has_bf16_dot_instructions", lambda: False)
     gen = torch.Generator().manual_seed(k)
-    x = torch.randn(5, k, generator=gen).to(dtype)
+    x = torch.randn(5, k, generator=gen).bfloat16()
     qw = quantize_weight(torch.randn(48, k, generator=gen) / k**0.5, 4, group_size, qmax=ZO_QMAX[4])
     out = int4_linear(x, qw.qweight, qw.scale, None, group_size, act_bits=16)
     assert qmatmul._current_pack(qmatmul._INT4PACKED, qw.qweight) is not None
-    assert out.dtype == dtype
-    assert rel_err(out, qlinear_ref(x, qw.qweight, qw.scale, None, 16, 4)) <= _tol(dtype)
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out, qlinear_ref(x, qw.qweight, qw.scale, None, 16, 4)) <= _tol(torch.bfloat16)
     zo_perturb_int_(qw.qweight, qw.scale, seed=3, eps=0.5, sign=1, bits=4)
     before, out = out, int4_linear(x, qw.qweight, qw.scale, None, group_size, act_bits=16)
     assert not torch.equal(before, out)
-    assert rel_err(out, qlinear_ref(x, qw.qweight, qw.scale, None, 16, 4)) <= _tol(dtype)
+    assert rel_err(out, qlinear_ref(x, qw.qweight, qw.scale, None, 16, 4)) <= _tol(torch.bfloat16)
+
+
+def test_w4a16_fp16_with_many_tokens_computes_in_fp32_not_atens_slow_fp16_kernel(monkeypatch):
+    calls = []
+    aten = torch.ops.aten._weight_int4pack_mm_for_cpu
+    monkeypatch.setattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", lambda *a: calls.append(1) or aten(*a))
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 96, generator=gen).half()
+    qw = quantize_weight(torch.randn(48, 96, generator=gen) / 96**0.5, 4, 32)
+    out = int4_linear(x, qw.qweight, qw.scale, None, 32, act_bits=16)
+    assert not calls and out.dtype == torch.float16
+    assert rel_err(out, qlinear_ref(x, qw.qweight, qw.scale, None, 16, 4)) <= REL_TOL[torch.float16]
 
 
 def test_packed_weight_cache_drops_the_entry_of_a_freed_weight():

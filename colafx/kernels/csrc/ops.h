@@ -10,3 +10,9 @@ void zo_int_rows(at::Tensor q, const at::Tensor& scales, const at::Tensor& norma
 
 // bf16 [N, K] weight from a packed int4 one (uint8 [N, K / 2], fp32 scales [N, G]). See dequant.cpp.
 at::Tensor dequant_int4_bf16(const at::Tensor& packed, const at::Tensor& scales);
+
+// W4A16 linear for few tokens: x fp32 / bf16 / fp16 [..., K], packed int4 [N, K / 2], fp32 scales
+// [N, G] (groups of a multiple of 32 columns), fp32 bias [N] or none; out in x's dtype. bf16_dot:
+// bf16 x through vdpbf16ps where the CPU has it (else fp32 FMAs). See w4a16.cpp.
+at::Tensor w4a16_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                        const std::optional<at::Tensor>& bias, bool bf16_dot);

@@ -1,5 +1,5 @@
-// Fused per-token W8A8 linears on the CPU (colafx/kernels/cpu_ext.py); this file also binds zo.cpp
-// and dequant.cpp.
+// Fused per-token W8A8 linears on the CPU (colafx/kernels/cpu_ext.py); this file also binds zo.cpp,
+// dequant.cpp and w4a16.cpp.
 //
 // y[m, n] = s[m] * w_scale[n] * sum_k q[m, k] * W[n, k] + bias[n], with the per-token codes
 // q = floor(x / s + 0.5), s = max(max_k |x[m, k]|, floor) / qmax: bit-identical to colafx's
@@ -196,4 +196,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("w8a8_int_mm", &w8a8_int_mm, "fused per-token W8A8 linear through torch._int_mm");
   module.def("zo_int_rows", &zo_int_rows, "QuZO's integer perturbation / update on weight rows, in place");
   module.def("dequant_int4_bf16", &dequant_int4_bf16, "bf16 weight from a packed int4 one");
+  module.def("w4a16_linear", &w4a16_linear, "W4A16 linear for few tokens, int4 weight dequantized in registers");
 }

@@ -1,0 +1,296 @@
+// W4A16 linear for few tokens (decode, short prompts) on the CPU (colafx/kernels/qmatmul.py):
+// y[m, n] = sum_k x[m, k] · (nibble[n, k] - 8) · scale[n, k / group_len] (+ bias[n]), accumulated in
+// fp32, for x in fp32 / bf16 / fp16 and a packed int4 weight (byte c of a row holds columns 2c, low
+// nibble, and 2c + 1). Memory-bound at these sizes: the weight is read once, as int4, and dequantized
+// in registers; x (few rows) is widened to fp32 once, its columns reordered so that the low and high
+// nibbles of a run of bytes meet contiguous x.
+#include "ops.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+// V: W fp32 lanes. unpack(): W weight bytes -> the dequantized low and high nibbles.
+#if defined(__AVX512F__)
+constexpr int W = 16, MB = 8;  // MB: tokens per register block (MB accumulators + 4 working registers)
+using V = __m512;
+inline V vzero() { return _mm512_setzero_ps(); }
+inline V vset(float s) { return _mm512_set1_ps(s); }
+inline V vload(const float* p) { return _mm512_loadu_ps(p); }
+inline V vfma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+inline float vsum(V a) { return _mm512_reduce_add_ps(a); }
+// the 16 dequantized values (i - 8)·s, looked up by vpermps (it reads the low 4 bits of each index)
+using Tab = __m512;
+inline Tab table(float s) {
+  return _mm512_mul_ps(_mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7), _mm512_set1_ps(s));
+}
+inline void unpack(const uint8_t* p, Tab tab, V& lo, V& hi) {
+  const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  lo = _mm512_permutexvar_ps(b, tab);
+  hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), tab);
+}
+#elif defined(__AVX2__)
+constexpr int W = 8, MB = 4;
+using V = __m256;
+inline V vzero() { return _mm256_setzero_ps(); }
+inline V vset(float s) { return _mm256_set1_ps(s); }
+inline V vload(const float* p) { return _mm256_loadu_ps(p); }
+inline V vfma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+inline float vsum(V a) {
+  __m128 r = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+  return _mm_cvtss_f32(_mm_add_ss(r, _mm_movehdup_ps(r)));
+}
+using Tab = __m256;
+inline Tab table(float s) { return _mm256_set1_ps(s); }
+inline void unpack(const uint8_t* p, Tab s, V& lo, V& hi) {
+  const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  const __m256i eight = _mm256_set1_epi32(8);
+  lo = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(b, _mm256_set1_epi32(0xF)), eight)), s);
+  hi = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(b, 4), eight)), s);
+}
+#else
+constexpr int W = 1, MB = 4;
+using V = float;
+inline V vzero() { return 0.f; }
+inline V vset(float s) { return s; }
+inline V vload(const float* p) { return *p; }
+inline V vfma(V a, V b, V c) { return a * b + c; }
+inline float vsum(V a) { return a; }
+using Tab = float;
+inline Tab table(float s) { return s; }
+inline void unpack(const uint8_t* p, Tab s, V& lo, V& hi) {
+  lo = static_cast<float>(static_cast<int32_t>(*p & 0xF) - 8) * s;
+  hi = static_cast<float>(static_cast<int32_t>(*p >> 4) - 8) * s;
+}
+#endif
+constexpr int64_t CHUNK = 2 * W;  // columns per unpack: W bytes
+
+constexpr int64_t KB = 512;   // columns per block: a token block of x (MB·KB fp32) stays in L1
+constexpr int64_t ROWS = 32;  // weight rows per tile: read from memory once for all token blocks
+
+// acc[t, n] += the partial sums over columns [k0, k1) for rows [n, n + R) and T tokens of xr (fp32
+// [T, K], reordered: in every CHUNK of columns the even ones first, then the odd ones). R rows at
+// once: R·T independent accumulators hide the FMA latency and share the loads of x.
+template <int T, int R>
+void rows(const float* xr, const uint8_t* w, const float* scales, float* acc, int64_t n, int64_t k0, int64_t k1,
+          int64_t k, int64_t groups, int64_t n_total) {
+  const int64_t group_len = k / groups;
+  V a[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) a[r][t] = vzero();
+  for (int64_t col = k0, g = k0 / group_len; col < k1; ++g) {
+    const int64_t end = std::min(k1, (g + 1) * group_len);
+    Tab tab[R];
+    for (int r = 0; r < R; ++r) tab[r] = table(scales[(n + r) * groups + g]);
+    for (; col < end; col += CHUNK) {
+      V lo[R], hi[R];
+      for (int r = 0; r < R; ++r) unpack(w + (n + r) * (k / 2) + col / 2, tab[r], lo[r], hi[r]);
+      for (int t = 0; t < T; ++t) {
+        const V xe = vload(xr + t * k + col), xo = vload(xr + t * k + col + W);
+        for (int r = 0; r < R; ++r) a[r][t] = vfma(xo, hi[r], vfma(xe, lo[r], a[r][t]));
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) acc[t * n_total + n + r] += vsum(a[r][t]);
+}
+
+template <int T>
+void block(const float* xr, const uint8_t* w, const float* scales, float* acc, int64_t n0, int64_t n1, int64_t k0,
+           int64_t k1, int64_t k, int64_t groups, int64_t n_total) {
+  constexpr int R = T >= MB ? 2 : 4;
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) rows<T, R>(xr, w, scales, acc, n, k0, k1, k, groups, n_total);
+  for (; n < n1; ++n) rows<T, 1>(xr, w, scales, acc, n, k0, k1, k, groups, n_total);
+}
+
+template <int T>
+void tokens(const float* xr, const uint8_t* w, const float* scales, float* acc, int64_t n0, int64_t n1, int64_t k0,
+            int64_t k1, int64_t k, int64_t groups, int64_t n_total, int64_t t) {
+  if constexpr (T > 1) {
+    if (t < T) return tokens<T - 1>(xr, w, scales, acc, n0, n1, k0, k1, k, groups, n_total, t);
+  }
+  block<T>(xr, w, scales, acc, n0, n1, k0, k1, k, groups, n_total);
+}
+
+// out [M, N] (x's dtype) for xr (fp32 [M, K], reordered): fp32 sums in acc, + bias, rounded once.
+template <typename O>
+void linear(const float* xr, const uint8_t* w, const float* scales, const float* bias, float* acc, O* out, int64_t m,
+            int64_t n, int64_t k, int64_t groups) {
+  at::parallel_for(0, n, ROWS, [&](int64_t begin, int64_t end) {
+    for (int64_t n0 = begin; n0 < end; n0 += ROWS) {
+      const int64_t n1 = std::min(end, n0 + ROWS);
+      for (int64_t t = 0; t < m; ++t) std::fill(acc + t * n + n0, acc + t * n + n1, 0.f);
+      for (int64_t k0 = 0; k0 < k; k0 += KB)
+        for (int64_t t0 = 0; t0 < m; t0 += MB)
+          tokens<MB>(xr + t0 * k, w, scales, acc + t0 * n, n0, n1, k0, std::min(k, k0 + KB), k, groups, n,
+                     std::min<int64_t>(MB, m - t0));
+      for (int64_t t = 0; t < m; ++t)
+        for (int64_t j = n0; j < n1; ++j) out[t * n + j] = static_cast<O>(bias ? acc[t * n + j] + bias[j] : acc[t * n + j]);
+    }
+  });
+}
+
+#if defined(__x86_64__)
+// bf16 x on CPUs with AVX512-BF16, whatever the build's vector width (a function-level target, used
+// after a run-time check): each 32-bit lane pairs columns 2c and 2c + 1, as x's bf16 pairs and the
+// weight's bytes do, so vdpbf16ps takes x as stored and the weight as bf16((nibble - 8)·s) pairs
+// (the values the many-token path's dequantized bf16 weight holds); 2 MACs per lane and instruction.
+#define COLAFX_BF16 __attribute__((target("avx512f,avx512bw,avx512bf16")))
+namespace bf16dot {
+
+COLAFX_BF16 inline __m512i table(float s) {  // bf16 (i - 8)·s in the low 16 of the 32 words
+  const __m512 v = _mm512_mul_ps(_mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7),
+                                 _mm512_set1_ps(s));
+  return _mm512_castsi256_si512(reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+}
+
+COLAFX_BF16 inline __m512bh pairs(const uint8_t* p, __m512i tab) {  // 16 bytes -> 32 bf16, lo then hi nibble
+  const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m512i idx = _mm512_and_si512(_mm512_or_si512(b, _mm512_slli_epi32(b, 12)), _mm512_set1_epi32(0x000F000F));
+  return reinterpret_cast<__m512bh>(_mm512_permutexvar_epi16(idx, tab));
+}
+
+template <int T, int R>
+COLAFX_BF16 void rows(const uint16_t* x, const uint8_t* w, const float* scales, float* acc, int64_t n, int64_t k0,
+                      int64_t k1, int64_t k, int64_t groups, int64_t n_total) {
+  const int64_t group_len = k / groups;
+  __m512 a[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) a[r][t] = _mm512_setzero_ps();
+  for (int64_t col = k0, g = k0 / group_len; col < k1; ++g) {
+    const int64_t end = std::min(k1, (g + 1) * group_len);
+    __m512i tab[R];
+    for (int r = 0; r < R; ++r) tab[r] = table(scales[(n + r) * groups + g]);
+    for (; col < end; col += 32) {
+      __m512bh wv[R];
+      for (int r = 0; r < R; ++r) wv[r] = pairs(w + (n + r) * (k / 2) + col / 2, tab[r]);
+      for (int t = 0; t < T; ++t) {
+        const __m512bh xv = reinterpret_cast<__m512bh>(_mm512_loadu_si512(x + t * k + col));
+        for (int r = 0; r < R; ++r) a[r][t] = _mm512_dpbf16_ps(a[r][t], xv, wv[r]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) acc[t * n_total + n + r] += _mm512_reduce_add_ps(a[r][t]);
+}
+
+template <int T>
+COLAFX_BF16 void block(const uint16_t* x, const uint8_t* w, const float* scales, float* acc, int64_t n0, int64_t n1,
+                       int64_t k0, int64_t k1, int64_t k, int64_t groups, int64_t n_total) {
+  constexpr int R = T >= 8 ? 2 : 4;
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) rows<T, R>(x, w, scales, acc, n, k0, k1, k, groups, n_total);
+  for (; n < n1; ++n) rows<T, 1>(x, w, scales, acc, n, k0, k1, k, groups, n_total);
+}
+
+template <int T>
+COLAFX_BF16 void tokens(const uint16_t* x, const uint8_t* w, const float* scales, float* acc, int64_t n0, int64_t n1,
+                        int64_t k0, int64_t k1, int64_t k, int64_t groups, int64_t n_total, int64_t t) {
+  if constexpr (T > 1) {
+    if (t < T) return tokens<T - 1>(x, w, scales, acc, n0, n1, k0, k1, k, groups, n_total, t);
+  }
+  block<T>(x, w, scales, acc, n0, n1, k0, k1, k, groups, n_total);
+}
+
+COLAFX_BF16 void linear(const uint16_t* x, const uint8_t* w, const float* scales, const float* bias, float* acc,
+                        at::BFloat16* out, int64_t m, int64_t n, int64_t k, int64_t groups) {
+  constexpr int TB = 8;
+  at::parallel_for(0, n, ROWS, [&](int64_t begin, int64_t end) {
+    for (int64_t n0 = begin; n0 < end; n0 += ROWS) {
+      const int64_t n1 = std::min(end, n0 + ROWS);
+      for (int64_t t = 0; t < m; ++t) std::fill(acc + t * n + n0, acc + t * n + n1, 0.f);
+      for (int64_t k0 = 0; k0 < k; k0 += 2 * KB)  // bf16 x: twice the columns in the same bytes
+        for (int64_t t0 = 0; t0 < m; t0 += TB)
+          tokens<TB>(x + t0 * k, w, scales, acc + t0 * n, n0, n1, k0, std::min(k, k0 + 2 * KB), k, groups, n,
+                     std::min<int64_t>(TB, m - t0));
+      for (int64_t t = 0; t < m; ++t)
+        for (int64_t j = n0; j < n1; ++j)
+          out[t * n + j] = static_cast<at::BFloat16>(bias ? acc[t * n + j] + bias[j] : acc[t * n + j]);
+    }
+  });
+}
+
+}  // namespace bf16dot
+
+bool has_bf16_dot() {
+  static const bool has = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw");
+  return has;
+}
+#else
+bool has_bf16_dot() { return false; }
+#endif
+
+template <typename S>
+float to_float(S v) {
+  return static_cast<float>(v);
+}
+
+template <typename S>
+void reorder_x(const at::Tensor& x, float* xr) {
+  const int64_t k = x.size(-1), m = x.numel() / k;
+  const S* src = x.data_ptr<S>();
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t col = 0; col < k; col += CHUNK)
+      for (int64_t j = 0; j < W; ++j) {
+        xr[i * k + col + j] = to_float(src[i * k + col + 2 * j]);
+        xr[i * k + col + W + j] = to_float(src[i * k + col + 2 * j + 1]);
+      }
+}
+
+}  // namespace
+
+at::Tensor w4a16_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                        const std::optional<at::Tensor>& bias, bool bf16_dot) {
+  TORCH_CHECK(x.dim() >= 1 && x.is_contiguous(), "x must be [..., K] contiguous");
+  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte && packed.is_contiguous(),
+              "packed must be uint8 [N, K / 2] contiguous");
+  const int64_t n = packed.size(0), k = packed.size(1) * 2;
+  TORCH_CHECK(x.size(-1) == k, "x has ", x.size(-1), " features, the weight ", k);
+  TORCH_CHECK(scales.dim() == 2 && scales.size(0) == n && scales.scalar_type() == at::kFloat && scales.is_contiguous(),
+              "scales must be fp32 [N, G] contiguous");
+  const int64_t groups = scales.size(1);
+  TORCH_CHECK(k > 0 && groups > 0 && k % groups == 0 && (k / groups) % 32 == 0, "groups must split K into multiples of 32");
+  TORCH_CHECK(!bias || (bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == n),
+              "bias must be fp32 [", n, "] contiguous");
+  const int64_t m = x.numel() / k;
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = n;
+  auto out = at::empty(shape, x.options());
+  const uint8_t* wp = packed.data_ptr<uint8_t>();
+  const float* sp = scales.data_ptr<float>();
+  const float* bp = bias ? bias->data_ptr<float>() : nullptr;
+#if defined(__x86_64__)
+  if (x.scalar_type() == at::kBFloat16 && bf16_dot && has_bf16_dot()) {
+    auto acc = at::empty({m, n}, x.options().dtype(at::kFloat));
+    bf16dot::linear(static_cast<const uint16_t*>(x.data_ptr()), wp, sp, bp, acc.data_ptr<float>(),
+                    out.data_ptr<at::BFloat16>(), m, n, k, groups);
+    return out;
+  }
+#endif
+  auto xr = at::empty({m, k}, x.options().dtype(at::kFloat));  // x widened to fp32 and reordered
+  float* xrp = xr.data_ptr<float>();
+  switch (x.scalar_type()) {
+    case at::kFloat: reorder_x<float>(x, xrp); break;
+    case at::kBFloat16: reorder_x<at::BFloat16>(x, xrp); break;
+    case at::kHalf: reorder_x<at::Half>(x, xrp); break;
+    default: TORCH_CHECK(false, "x must be fp32, bf16 or fp16, got ", x.scalar_type());
+  }
+  auto acc = x.scalar_type() == at::kFloat ? out : at::empty({m, n}, x.options().dtype(at::kFloat));
+  float* ap = acc.data_ptr<float>();
+  switch (x.scalar_type()) {
+    case at::kFloat: linear(xrp, wp, sp, bp, ap, out.data_ptr<float>(), m, n, k, groups); break;
+    case at::kBFloat16: linear(xrp, wp, sp, bp, ap, out.data_ptr<at::BFloat16>(), m, n, k, groups); break;
+    default: linear(xrp, wp, sp, bp, ap, out.data_ptr<at::Half>(), m, n, k, groups); break;
+  }
+  return out;
+}
