@@ -43,11 +43,12 @@ def test_ops_build_where_a_compiler_is():
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("m, k, n, dtype", [(1, 40, 33, torch.float32), (3, 77, 48, torch.float32),
                                             (17, 576, 129, torch.float32), (130, 1000, 65, torch.float32),
-                                            (5, 23, 16, torch.bfloat16)])
+                                            (300, 96, 40, torch.float32), (5, 23, 16, torch.bfloat16)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_fused_w8a8_is_bit_identical_to_the_aten_path(monkeypatch, backend, threads, m, k, n, dtype, bias):
-    """Odd K (vector tails) and N, one token to many rows, bf16 input, 1 and 2 threads: the fused
-    op runs (counted) and its output equals the ATen path's exactly."""
+    """Odd K (vector tails) and N, one token to many rows (beyond 128 rows: per-thread slices, the
+    last one partial), bf16 input, 1 and 2 threads: the fused op runs (counted) and its output
+    equals the ATen path's exactly."""
     x, qw, b = _packed_case(m, k, n, dtype=dtype)
     b = b if bias else None
     calls = []
