@@ -49,12 +49,16 @@ only on its second unchanged use (the first runs ``torch._int_mm``), and a weigh
 (QuZO perturbs weights before every forward) is never kept packed: it runs ``torch._int_mm``.
 Int4 W·A8 per channel: the unpacked int8 codes go through the same GEMM (cached packed, so a
 static weight is not unpacked per call). Per-group W·A8: one fp32 GEMM of the int8 codes with the
-dequantized weight (fp32 instead of int32 accumulation; no loop over groups). W4A16 with bf16 /
-fp16 x: ATen's ``_weight_int4pack_mm_for_cpu`` (needs N % 16 == 0 and a group length divisible by
-32, 64, 128 or 256; its repacked weight is kept, and repacked per call once the weight changes in
-place), or from 32 tokens on CPUs with AVX512-BF16 / AMX the weight dequantized to bf16 in one C++
-pass (:mod:`.cpu_ext`) and oneDNN's bf16 GEMM (1.8-2.4x fp32 at 128 tokens in bench/cpu_qmatmul.py
-on a Zen 5, where ATen's int4 kernel ran at 0.78-1.08x); other W·A16: dequantize + F.linear.
+dequantized weight (fp32 instead of int32 accumulation; no loop over groups). W4A16 (fp32 / bf16 /
+fp16 x, group length a multiple of 32) below 32 tokens: a C++ kernel (:mod:`.cpu_ext`) that reads
+the int4 weight once and dequantizes it in registers (bf16 dot products on AVX512-BF16 CPUs;
+elsewhere fp32 FMAs, and bf16 x beyond 4 tokens goes to ATen's kernel). From 32 tokens, bf16 x on
+CPUs with AVX512-BF16 / AMX: the weight dequantized to bf16 in one C++ pass and oneDNN's bf16
+GEMM; other bf16 x: ATen's ``_weight_int4pack_mm_for_cpu`` (needs N % 16 == 0 and a group length
+divisible by 32, 64, 128 or 256; its repacked weight is kept, and repacked per call once the
+weight changes in place). bench/cpu_qmatmul.py on a Zen 5: 1.3-3.4x fp32 at 1-16 tokens, 1.8-2.3x
+at 128-512. Other W·A16 (and fp16 x from 32 tokens, in fp32: ATen's fp16 int4 path is a slow
+reference): dequantize + F.linear.
 
 Autograd: the ops differentiate with respect to ``x`` (straight-through the activation
 quantizer: ``grad_x = grad · dequant(W)``) and ``bias``; quantized weights and scales are buffers
