@@ -15,6 +15,13 @@
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
+// The bf16 dot-product kernel needs a compiler that knows AVX512-BF16 (GCC 10, clang 9); older ones
+// build the rest.
+#if defined(__x86_64__) && (defined(__clang__) ? __clang_major__ >= 9 : __GNUC__ >= 10)
+#define COLAFX_BF16_DOT 1
+#else
+#define COLAFX_BF16_DOT 0
+#endif
 
 namespace {
 
@@ -140,7 +147,7 @@ void linear(const float* xr, const uint8_t* w, const float* scales, const float*
   });
 }
 
-#if defined(__x86_64__)
+#if COLAFX_BF16_DOT
 // bf16 x on CPUs with AVX512-BF16, whatever the build's vector width (a function-level target, used
 // after a run-time check): each 32-bit lane pairs columns 2c and 2c + 1, as x's bf16 pairs and the
 // weight's bytes do, so vdpbf16ps takes x as stored and the weight as bf16((nibble - 8)·s) pairs
@@ -269,7 +276,7 @@ at::Tensor w4a16_linear(const at::Tensor& x, const at::Tensor& packed, const at:
   const uint8_t* wp = packed.data_ptr<uint8_t>();
   const float* sp = scales.data_ptr<float>();
   const float* bp = bias ? bias->data_ptr<float>() : nullptr;
-#if defined(__x86_64__)
+#if COLAFX_BF16_DOT
   if (x.scalar_type() == at::kBFloat16 && bf16_dot && has_bf16_dot()) {
     auto acc = at::empty({m, n}, x.options().dtype(at::kFloat));
     bf16dot::linear(static_cast<const uint16_t*>(x.data_ptr()), wp, sp, bp, acc.data_ptr<float>(),
