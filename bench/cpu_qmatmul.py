@@ -81,8 +81,9 @@ def sample(fn, min_time: float) -> float:
             return elapsed / calls
 
 
-def interleaved(fns: dict, repeats: int, min_time: float) -> dict:
-    """Median seconds per call of each ``fns[name]``, the variants taking turns in every repeat."""
+def interleaved(fns: dict, repeats: int, min_time: float, samples: dict | None = None) -> dict:
+    """Median seconds per call of each ``fns[name]``, the variants taking turns in every repeat;
+    ``samples``, if given, receives every repeat's seconds per variant."""
     for fn in fns.values():
         fn()  # warm-up: allocator, and weights are prepacked on their second unchanged use
         fn()
@@ -90,7 +91,15 @@ def interleaved(fns: dict, repeats: int, min_time: float) -> dict:
     for _ in range(repeats):
         for name, fn in fns.items():
             times[name].append(sample(fn, min_time))
+    if samples is not None:
+        samples.update(times)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def ratio_range(num: list, den: list) -> list:
+    """[min, max] over the repeats of num[i] / den[i]: the spread of a ratio measured side by side."""
+    ratios = [a / b for a, b in zip(num, den)]
+    return [min(ratios), max(ratios)]
 
 
 def llama_like(tokens: int, d: int, seed: int):
@@ -139,15 +148,19 @@ def cpu_rows(args) -> list[dict]:
             if m <= args.int4_max_tokens:  # ATen's int4 kernel is a decode kernel: seconds per call beyond
                 fns["aten_int4"] = lambda: int4_peer(xb)
                 fns["w4a16"] = lambda: int4_linear(xb, q4g.qweight, q4g.scale, group_size=g, act_bits=16)
-            t = interleaved(fns, args.repeats, args.min_time)
+            per_repeat: dict = {}
+            t = interleaved(fns, args.repeats, args.min_time, per_repeat)
             flops = 2 * m * d * d
             row = {"d": d, "tokens": m, "backend": backend, **{f"{k}_ms": 1e3 * v for k, v in t.items()},
                    "fp32_gflops": flops / t["fp32"] / 1e9, "w8a8_gops": flops / t["w8a8"] / 1e9,
                    "gemm_gops": flops / t["gemm"] / 1e9, "speedup": t["fp32"] / t["w8a8"],
-                   "vs_fbgemm": t["fbgemm"] / t["w8a8"], "fbgemm_speedup": t["fp32"] / t["fbgemm"],
+                   "vs_fbgemm": t["fbgemm"] / t["w8a8"],
+                   "vs_fbgemm_range": ratio_range(per_repeat["fbgemm"], per_repeat["w8a8"]),
+                   "fbgemm_speedup": t["fp32"] / t["fbgemm"],
                    "w4a8_speedup": t["fp32"] / t["w4a8"]}
             if "w4a16" in t:
-                row.update(w4a16_vs_aten=t["aten_int4"] / t["w4a16"], w4a16_speedup=t["fp32"] / t["w4a16"])
+                row.update(w4a16_vs_aten=t["aten_int4"] / t["w4a16"], w4a16_speedup=t["fp32"] / t["w4a16"],
+                           w4a16_speedup_range=ratio_range(per_repeat["fp32"], per_repeat["w4a16"]))
             rows.append(row)
             print(f"  d={d} tokens={m}: fp32 {row['fp32_ms']:.3f} ms, fbgemm {row['fbgemm_ms']:.3f} ms, "
                   f"w8a8 {row['w8a8_ms']:.3f} ms ({row['vs_fbgemm']:.2f}x fbgemm)", flush=True)
@@ -261,18 +274,24 @@ def plot(rows: list[dict], path) -> None:
     fig.savefig(path, format="png", dpi=120)
 
 
+def _spread(bounds: list) -> str:
+    return f"({bounds[0]:.2f}–{bounds[1]:.2f})"
+
+
 def print_tables(args, rows, zo, sq, gpu, features) -> None:
     """The Markdown tables of one run."""
     print(f"\nCPU features: {' '.join(features) or 'unknown'}; int8 backend {rows[0]['backend']}; "
           f"quantized engine {torch.backends.quantized.engine}; {args.threads} thread(s); medians of "
-          f"{args.repeats} interleaved repeats\n")
+          f"{args.repeats} interleaved repeats (in brackets: the lowest and highest ratio of one repeat)\n")
     print("| d | tokens | fp32 ms | FBGEMM ms | W8A8 ms | W8A8 vs FBGEMM | W8A8 vs fp32 | W4A8 ms | W4A8 vs fp32 "
           f"| ATen int4 bf16 ms | W4A16 g{args.group_size} bf16 ms | W4A16 vs ATen | W4A16 vs fp32 |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['d']} | {r['tokens']} | {r['fp32_ms']:.3f} | {r['fbgemm_ms']:.3f} | {r['w8a8_ms']:.3f} | "
-              f"{r['vs_fbgemm']:.2f}x | {r['speedup']:.2f}x | {r['w4a8_ms']:.3f} | {r['w4a8_speedup']:.2f}x | "
-              + (f"{r['aten_int4_ms']:.3f} | {r['w4a16_ms']:.3f} | {r['w4a16_vs_aten']:.2f}x | {r['w4a16_speedup']:.2f}x |"
+              f"{r['vs_fbgemm']:.2f}x {_spread(r['vs_fbgemm_range'])} | {r['speedup']:.2f}x | {r['w4a8_ms']:.3f} | "
+              f"{r['w4a8_speedup']:.2f}x | "
+              + (f"{r['aten_int4_ms']:.3f} | {r['w4a16_ms']:.3f} | {r['w4a16_vs_aten']:.2f}x | "
+                 f"{r['w4a16_speedup']:.2f}x {_spread(r['w4a16_speedup_range'])} |"
                  if "w4a16_ms" in r else "– | – | – | – |"))
     print("\nIn-place ZO perturbation of one [3d, d] weight (+ε·u), weight bytes/s and elements/s\n")
     print("| d | weight | variant | ms | weight GB/s | M elements/s |")
