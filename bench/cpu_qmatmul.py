@@ -3,7 +3,8 @@
     python bench/cpu_qmatmul.py [--dims 576 1024 2048] [--tokens 1 16 128 512 2048] [--repeats 5]
 
 For every shape ``x [tokens, d] · W [d, d]ᵀ`` the variants are timed interleaved (each repeat runs
-all of them once, in turn) and the median is reported, because the machine is shared:
+all of them once, in a shuffled order) and the median is reported, because the machine is shared;
+the ratios against the peers also get their lowest and highest value over the repeats:
 
 * ``fp32``: ``F.linear`` (the reference);
 * ``fbgemm``: the peer, PyTorch's dynamic int8 linear (``torch.ao.quantization.quantize_dynamic`` on
@@ -27,6 +28,7 @@ Prints the CPU's features; writes ``kernels.json`` and ``kernels.png``.
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import time
 from pathlib import Path
@@ -82,15 +84,17 @@ def sample(fn, min_time: float) -> float:
 
 
 def interleaved(fns: dict, repeats: int, min_time: float, samples: dict | None = None) -> dict:
-    """Median seconds per call of each ``fns[name]``, the variants taking turns in every repeat;
-    ``samples``, if given, receives every repeat's seconds per variant."""
+    """Median seconds per call of each ``fns[name]``, the variants taking turns in every repeat, in
+    a new order each time (what ran just before, e.g. what it left to the allocator, moves a large
+    call's time by several percent); ``samples``, if given, receives every repeat's seconds."""
     for fn in fns.values():
         fn()  # warm-up: allocator, and weights are prepacked on their second unchanged use
         fn()
     times = {name: [] for name in fns}
+    order = random.Random(0)
     for _ in range(repeats):
-        for name, fn in fns.items():
-            times[name].append(sample(fn, min_time))
+        for name in order.sample(list(fns), len(fns)):
+            times[name].append(sample(fns[name], min_time))
     if samples is not None:
         samples.update(times)
     return {name: statistics.median(t) for name, t in times.items()}
@@ -282,7 +286,7 @@ def print_tables(args, rows, zo, sq, gpu, features) -> None:
     """The Markdown tables of one run."""
     print(f"\nCPU features: {' '.join(features) or 'unknown'}; int8 backend {rows[0]['backend']}; "
           f"quantized engine {torch.backends.quantized.engine}; {args.threads} thread(s); medians of "
-          f"{args.repeats} interleaved repeats (in brackets: the lowest and highest ratio of one repeat)\n")
+          f"{args.repeats} interleaved repeats in shuffled order (in brackets: the lowest and highest ratio of one repeat)\n")
     print("| d | tokens | fp32 ms | FBGEMM ms | W8A8 ms | W8A8 vs FBGEMM | W8A8 vs fp32 | W4A8 ms | W4A8 vs fp32 "
           f"| ATen int4 bf16 ms | W4A16 g{args.group_size} bf16 ms | W4A16 vs ATen | W4A16 vs fp32 |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
