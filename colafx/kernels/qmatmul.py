@@ -671,6 +671,9 @@ def _w4a16_bf16_gemm(x2: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Ten
     return None if w is None else F.linear(x2, w)
 
 
+_W4A16_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the few-token kernel takes
+
+
 def _w4a16_few_tokens(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
                       bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """W4A16 (+ bias) of ``x`` [..., K] with fewer than 32 tokens through
@@ -687,9 +690,6 @@ def _w4a16_few_tokens(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Ten
     if tokens > 4 and x.dtype == torch.bfloat16 and not bf16_dot:
         return None
     return cpu_ext.w4a16_linear(x, qweight, w_scale, bias, bf16_dot)
-
-
-_W4A16_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _has_bf16_dot_instructions() -> bool:
