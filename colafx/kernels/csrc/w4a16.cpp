@@ -1,9 +1,10 @@
 // W4A16 linear for few tokens (decode, short prompts) on the CPU (colafx/kernels/qmatmul.py):
 // y[m, n] = sum_k x[m, k] · (nibble[n, k] - 8) · scale[n, k / group_len] (+ bias[n]), accumulated in
 // fp32, for x in fp32 / bf16 / fp16 and a packed int4 weight (byte c of a row holds columns 2c, low
-// nibble, and 2c + 1). Memory-bound at these sizes: the weight is read once, as int4, and dequantized
-// in registers; x (few rows) is widened to fp32 once, its columns reordered so that the low and high
-// nibbles of a run of bytes meet contiguous x.
+// nibble, and 2c + 1). The weight is read once, as int4, and dequantized in registers. bf16 x on
+// AVX512-BF16 CPUs goes straight into bf16 dot products (namespace bf16dot); otherwise x (few rows)
+// is widened to fp32 once, its columns reordered so that the low and high nibbles of a run of bytes
+// meet contiguous x, for fp32 FMAs.
 #include "ops.h"
 
 #include <ATen/Parallel.h>
@@ -238,19 +239,14 @@ bool has_bf16_dot() { return false; }
 #endif
 
 template <typename S>
-float to_float(S v) {
-  return static_cast<float>(v);
-}
-
-template <typename S>
 void reorder_x(const at::Tensor& x, float* xr) {
   const int64_t k = x.size(-1), m = x.numel() / k;
   const S* src = x.data_ptr<S>();
   for (int64_t i = 0; i < m; ++i)
     for (int64_t col = 0; col < k; col += CHUNK)
       for (int64_t j = 0; j < W; ++j) {
-        xr[i * k + col + j] = to_float(src[i * k + col + 2 * j]);
-        xr[i * k + col + W + j] = to_float(src[i * k + col + 2 * j + 1]);
+        xr[i * k + col + j] = static_cast<float>(src[i * k + col + 2 * j]);
+        xr[i * k + col + W + j] = static_cast<float>(src[i * k + col + 2 * j + 1]);
       }
 }
 
