@@ -130,21 +130,30 @@ void tokens(const float* xr, const uint8_t* w, const float* scales, float* acc, 
   block<T>(xr, w, scales, acc, n0, n1, k0, k1, k, groups, n_total);
 }
 
-// out [M, N] (x's dtype) for xr (fp32 [M, K], reordered): fp32 sums in acc, + bias, rounded once.
-template <typename O>
-void linear(const float* xr, const uint8_t* w, const float* scales, const float* bias, float* acc, O* out, int64_t m,
-            int64_t n, int64_t k, int64_t groups) {
+// The loops both kernels share: tiles of ROWS weight rows over the threads; in each tile, blocks of
+// kb columns and of tb tokens, each handed to sums(t0, tokens, n0, n1, k0, k1), which adds into the
+// fp32 acc [M, N]; then out = acc (+ bias) in out's dtype, rounded once.
+template <typename O, typename Sums>
+void tiled(const float* bias, float* acc, O* out, int64_t m, int64_t n, int64_t k, int64_t kb, int64_t tb,
+           const Sums& sums) {
   at::parallel_for(0, n, ROWS, [&](int64_t begin, int64_t end) {
     for (int64_t n0 = begin; n0 < end; n0 += ROWS) {
       const int64_t n1 = std::min(end, n0 + ROWS);
       for (int64_t t = 0; t < m; ++t) std::fill(acc + t * n + n0, acc + t * n + n1, 0.f);
-      for (int64_t k0 = 0; k0 < k; k0 += KB)
-        for (int64_t t0 = 0; t0 < m; t0 += MB)
-          tokens<MB>(xr + t0 * k, w, scales, acc + t0 * n, n0, n1, k0, std::min(k, k0 + KB), k, groups, n,
-                     std::min<int64_t>(MB, m - t0));
+      for (int64_t k0 = 0; k0 < k; k0 += kb)
+        for (int64_t t0 = 0; t0 < m; t0 += tb) sums(t0, std::min(tb, m - t0), n0, n1, k0, std::min(k, k0 + kb));
       for (int64_t t = 0; t < m; ++t)
         for (int64_t j = n0; j < n1; ++j) out[t * n + j] = static_cast<O>(bias ? acc[t * n + j] + bias[j] : acc[t * n + j]);
     }
+  });
+}
+
+// out [M, N] (x's dtype) for xr (fp32 [M, K], reordered), fp32 FMAs.
+template <typename O>
+void linear(const float* xr, const uint8_t* w, const float* scales, const float* bias, float* acc, O* out, int64_t m,
+            int64_t n, int64_t k, int64_t groups) {
+  tiled(bias, acc, out, m, n, k, KB, MB, [&](int64_t t0, int64_t t, int64_t n0, int64_t n1, int64_t k0, int64_t k1) {
+    tokens<MB>(xr + t0 * k, w, scales, acc + t0 * n, n0, n1, k0, k1, k, groups, n, t);
   });
 }
 
@@ -210,21 +219,12 @@ COLAFX_BF16 void tokens(const uint16_t* x, const uint8_t* w, const float* scales
   block<T>(x, w, scales, acc, n0, n1, k0, k1, k, groups, n_total);
 }
 
-COLAFX_BF16 void linear(const uint16_t* x, const uint8_t* w, const float* scales, const float* bias, float* acc,
-                        at::BFloat16* out, int64_t m, int64_t n, int64_t k, int64_t groups) {
+void linear(const uint16_t* x, const uint8_t* w, const float* scales, const float* bias, float* acc,
+            at::BFloat16* out, int64_t m, int64_t n, int64_t k, int64_t groups) {
   constexpr int TB = 8;
-  at::parallel_for(0, n, ROWS, [&](int64_t begin, int64_t end) {
-    for (int64_t n0 = begin; n0 < end; n0 += ROWS) {
-      const int64_t n1 = std::min(end, n0 + ROWS);
-      for (int64_t t = 0; t < m; ++t) std::fill(acc + t * n + n0, acc + t * n + n1, 0.f);
-      for (int64_t k0 = 0; k0 < k; k0 += 2 * KB)  // bf16 x: twice the columns in the same bytes
-        for (int64_t t0 = 0; t0 < m; t0 += TB)
-          tokens<TB>(x + t0 * k, w, scales, acc + t0 * n, n0, n1, k0, std::min(k, k0 + 2 * KB), k, groups, n,
-                     std::min<int64_t>(TB, m - t0));
-      for (int64_t t = 0; t < m; ++t)
-        for (int64_t j = n0; j < n1; ++j)
-          out[t * n + j] = static_cast<at::BFloat16>(bias ? acc[t * n + j] + bias[j] : acc[t * n + j]);
-    }
+  // bf16 x: twice the columns of the fp32 kernel in the same bytes of L1
+  tiled(bias, acc, out, m, n, k, 2 * KB, TB, [&](int64_t t0, int64_t t, int64_t n0, int64_t n1, int64_t k0, int64_t k1) {
+    tokens<TB>(x + t0 * k, w, scales, acc + t0 * n, n0, n1, k0, k1, k, groups, n, t);
   });
 }
 
