@@ -327,6 +327,27 @@ def test_fused_w8a8_leaves_rows_with_inf_or_nan_to_the_aten_path(monkeypatch, ba
 
 @needs_fbgemm
 @needs_compiler
+@pytest.mark.parametrize("layout", ["per_tensor", "zero_points"])
+def test_fused_w8a8_returns_none_for_weights_packed_otherwise_than_symmetric_per_channel(layout):
+    """The op takes the weight's zero points to be 0 and its scales per output channel (colafx packs
+    so): a per-tensor pack or one with zero points is handed back (None), not computed wrongly."""
+    x, qw, _ = _packed_case(3, 64, 32)
+    w = qw.qweight.float() * qw.scale.reshape(-1, 1)
+    if layout == "per_tensor":
+        q = torch.quantize_per_tensor(w, float(qw.scale.max()) / 127, 0, torch.qint8)
+    else:
+        q = torch.quantize_per_channel(w, qw.scale.reshape(-1).double(), torch.full((32,), 3), 0, torch.qint8)
+    old_engine = torch.backends.quantized.engine
+    torch.backends.quantized.engine = "fbgemm"
+    try:
+        packed = torch.ops.quantized.linear_prepack(q, None)
+    finally:
+        torch.backends.quantized.engine = old_engine
+    assert cpu_ext.w8a8_linear(x, packed, 127, None) is None
+
+
+@needs_fbgemm
+@needs_compiler
 def test_fused_w8a8_rejects_a_feature_count_the_weight_does_not_have():
     x, qw, b = _packed_case(2, 64, 32)
     with qmatmul.use_cpu_int8_backend(BACKENDS[-1]):

@@ -5,7 +5,9 @@
 // q = floor(x / s + 0.5), s = max(max_k |x[m, k]|, floor) / qmax: bit-identical to colafx's
 // quantize_tokens + GEMM + rescale in Python, in one call.
 // w8a8_linear: on FBGEMM's packed weight. The codes go to FBGEMM as u8 = q + qmax + 1 (its u8 x s8
-//   GEMM; ReQuantizeForFloat subtracts the zero point), so nothing quantizes x twice.
+//   GEMM, int32 sums in place in the output); one pass subtracts the zero point's share (zp times
+//   the weight's column sums) and applies both scales and bias, so nothing quantizes x twice and
+//   no pass of FBGEMM's own rescales its output.
 // w8a8_int_mm: on a plain int8 weight (not packed: first use, or changed in place), through
 //   torch._int_mm, rescaled in place over its int32 result.
 #include <torch/extension.h>
@@ -22,9 +24,7 @@
 #endif
 #include <atomic>
 #include <cmath>
-#include <memory>
 #include <type_traits>
-#include <vector>
 
 namespace {
 
@@ -92,30 +92,28 @@ bool all_token_codes(const at::Tensor& x, at::Tensor& codes, at::Tensor& scale, 
   return finite;
 }
 
-// out[i, j] = (acc[i, j] · col_scale[j] (if given)) · s[i] (+ bias[j]): the roundings of the Python
-// epilogue, one per product (no FMA: -ffp-contract=off). acc and out may be the same memory.
-template <typename A>
-void rescale_rows(const A* acc, float* out, const float* s, const float* col_scale, const float* bias, int64_t m,
-                  int64_t n) {
+// out[i, j] = float(acc[i, j] - zp · col_offsets[j]) · col_scale[j] · s[i] (+ bias[j]): the roundings
+// of the Python epilogue, one per product (no FMA: -ffp-contract=off). col_offsets (the weight's column
+// sums, for codes shifted by zp) may be null. acc and out may be the same memory.
+template <bool kOffsets, bool kBias>
+void rescale_row(const int32_t* a, float* o, float si, const float* col_scale, const int32_t* col_offsets,
+                 int32_t zp, const float* bias, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    int32_t v = a[j];
+    if constexpr (kOffsets) v -= zp * col_offsets[j];
+    float r = static_cast<float>(v) * col_scale[j] * si;
+    if constexpr (kBias) r += bias[j];
+    o[j] = r;
+  }
+}
+
+void rescale_rows(const int32_t* acc, float* out, const float* s, const float* col_scale, const int32_t* col_offsets,
+                  int32_t zp, const float* bias, int64_t m, int64_t n) {
+  auto row = col_offsets ? (bias ? rescale_row<true, true> : rescale_row<true, false>)
+                         : (bias ? rescale_row<false, true> : rescale_row<false, false>);
   at::parallel_for(0, m, std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1)), [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const float si = s[i];
-      const A* a = acc + i * n;
-      float* o = out + i * n;
-      if (col_scale && bias) {
-#pragma omp simd
-        for (int64_t j = 0; j < n; ++j) o[j] = static_cast<float>(a[j]) * col_scale[j] * si + bias[j];
-      } else if (col_scale) {
-#pragma omp simd
-        for (int64_t j = 0; j < n; ++j) o[j] = static_cast<float>(a[j]) * col_scale[j] * si;
-      } else if (bias) {
-#pragma omp simd
-        for (int64_t j = 0; j < n; ++j) o[j] = static_cast<float>(a[j]) * si + bias[j];
-      } else {
-#pragma omp simd
-        for (int64_t j = 0; j < n; ++j) o[j] = static_cast<float>(a[j]) * si;
-      }
-    }
+    for (int64_t i = begin; i < end; ++i) row(acc + i * n, out + i * n, s[i], col_scale, col_offsets, zp, bias, n);
   });
 }
 
@@ -127,25 +125,24 @@ void check_x_bias(const at::Tensor& x, const std::optional<at::Tensor>& bias, in
 }
 
 #ifndef COLAFX_NO_FBGEMM
-// FBGEMM's u8·s8 GEMM of `rows` rows of codes a [rows, k] (u8 = code + zp) with the packed weight,
-// the zero point and weight scales applied (ReQuantizeForFloat): fp32 into out [rows, n]. acc: its
-// int32 scratch, [rows, n]. task / num_tasks: this thread's share of the call.
-void fbgemm_rows(const PackedLinearWeight& pw, const uint8_t* a, int64_t rows, int64_t k, int64_t n, int32_t zp,
-                 float* out, int32_t* acc, int32_t* row_offsets, int task, int num_tasks) {
-  fbgemm::PackAWithRowOffset<uint8_t> packA(fbgemm::matrix_op_t::NoTranspose, rows, k, a, k, nullptr, 1, row_offsets);
-  fbgemm::DoNothing<float, float> done{};
-  fbgemm::ReQuantizeForFloat<false, fbgemm::QuantizationGranularity::OUT_CHANNEL> requant(
-      done, 1.0f, pw.w_scale.data(), zp, pw.w_zp.data(), packA.getRowOffsetBuffer(), pw.col_offsets.data(), nullptr,
-      n);
-  fbgemm::fbgemmPacked(packA, *pw.w, out, acc, n, requant, task, num_tasks);
+// FBGEMM's u8·s8 GEMM of `rows` rows of codes a [rows, k] (u8 = code + zp) with the packed weight:
+// the raw int32 sums into acc [rows, n] (memCopy in place: no copy, no float pass of FBGEMM's own).
+// task / num_tasks: this thread's share of the call.
+void fbgemm_rows(const PackedLinearWeight& pw, const uint8_t* a, int64_t rows, int64_t k, int64_t n, int32_t* acc,
+                 int task, int num_tasks) {
+  fbgemm::PackAMatrix<uint8_t> packA(fbgemm::matrix_op_t::NoTranspose, rows, k, a, k, nullptr, 1);
+  fbgemm::DoNothing<int32_t, int32_t> done{};
+  fbgemm::memCopy<> in_place(done);
+  fbgemm::fbgemmPacked(packA, *pw.w, acc, acc, n, in_place, task, num_tasks);
 }
 #endif
 
 }  // namespace
 
-// x: fp32 [M, K] contiguous; packed: quantized::linear_prepack's object (FBGEMM, per-channel int8);
-// bias: fp32 [N] contiguous or None. Returns fp32 [M, N], or None where the fused path does not
-// apply (a row of x with inf / NaN, or a weight packed by another engine): the caller falls back.
+// x: fp32 [M, K] contiguous; packed: quantized::linear_prepack's object (FBGEMM, symmetric per-channel
+// int8); bias: fp32 [N] contiguous or None. Returns fp32 [M, N], or None where the fused path does
+// not apply (a row of x with inf / NaN, or a weight packed by another engine or with zero points):
+// the caller falls back.
 #ifndef COLAFX_NO_FBGEMM
 py::object w8a8_linear(const at::Tensor& x, py::object packed_obj, int64_t qmax, double scale_floor,
                        const std::optional<at::Tensor>& bias) {
@@ -154,6 +151,10 @@ py::object w8a8_linear(const at::Tensor& x, py::object packed_obj, int64_t qmax,
   auto* pw = dynamic_cast<PackedLinearWeight*>(packed.get());
   if (pw == nullptr) return py::none();
   const int64_t k = pw->w->numRows(), n = pw->w->numCols();
+  if (static_cast<int64_t>(pw->w_scale.size()) != n || static_cast<int64_t>(pw->col_offsets.size()) != n)
+    return py::none();
+  for (int32_t z : pw->w_zp)
+    if (z != 0) return py::none();
   check_x_bias(x, bias, k, n);
   const int64_t m = x.size(0);
   auto codes = at::empty({m, k}, x.options().dtype(at::kByte));
@@ -161,35 +162,32 @@ py::object w8a8_linear(const at::Tensor& x, py::object packed_obj, int64_t qmax,
   const int32_t zp = static_cast<int32_t>(qmax) + 1;
   if (!all_token_codes<uint8_t>(x, codes, scale, qmax, scale_floor, zp)) return py::none();
 
+  // FBGEMM writes the int32 sums into out's memory; the epilogue turns them into fp32 in place
   auto out = at::empty({m, n}, x.options());
   const uint8_t* a = codes.data_ptr<uint8_t>();
-  float* o = out.data_ptr<float>();
+  int32_t* acc = reinterpret_cast<int32_t*>(out.data_ptr<float>());
   const float* s = scale.data_ptr<float>();
   const float* b = bias ? bias->data_ptr<float>() : nullptr;
-  if (m <= SLICE) {  // FBGEMM splits the one call among the threads, then one rescale pass
-    auto acc = at::empty({m, n}, x.options().dtype(at::kInt));
+  const float* ws = pw->w_scale.data();
+  const int32_t* co = pw->col_offsets.data();
+  if (m <= SLICE) {  // FBGEMM splits the one call among the threads, then one epilogue pass
     const int num_tasks = at::get_num_threads();
     at::parallel_for(0, num_tasks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<int32_t> row_offsets(fbgemm::PackAWithRowOffset<uint8_t>::rowOffsetBufferSize());
-      for (int64_t task = begin; task < end; ++task)
-        fbgemm_rows(*pw, a, m, k, n, zp, o, acc.data_ptr<int32_t>(), row_offsets.data(), task, num_tasks);
+      for (int64_t task = begin; task < end; ++task) fbgemm_rows(*pw, a, m, k, n, acc, task, num_tasks);
     });
-    rescale_rows<float>(o, o, s, nullptr, b, m, n);
+    rescale_rows(acc, reinterpret_cast<float*>(acc), s, ws, co, zp, b, m, n);
     return py::cast(out);
   }
-  // Each task takes its own rows in slices of SLICE, FBGEMM single-threaded on each, and rescales a
-  // slice right after its GEMM, while its output is still in cache; the int32 scratch is one
-  // slice's (an [M, N] one cost ~15% at 2048 tokens: a large allocation per call).
+  // Each task takes its own rows in slices of SLICE, FBGEMM single-threaded on each, and runs the
+  // epilogue on a slice right after its GEMM, while it is still in cache.
   const int64_t num_tasks = std::min<int64_t>(at::get_num_threads(), (m + SLICE - 1) / SLICE);
   at::parallel_for(0, num_tasks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<int32_t> row_offsets(fbgemm::PackAWithRowOffset<uint8_t>::rowOffsetBufferSize());
-    std::unique_ptr<int32_t[]> acc(new int32_t[SLICE * n]);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t r_begin = m * task / num_tasks, r_end = m * (task + 1) / num_tasks;
       for (int64_t r0 = r_begin; r0 < r_end; r0 += SLICE) {
         const int64_t rows = std::min<int64_t>(SLICE, r_end - r0);
-        fbgemm_rows(*pw, a + r0 * k, rows, k, n, zp, o + r0 * n, acc.get(), row_offsets.data(), 0, 1);
-        rescale_rows<float>(o + r0 * n, o + r0 * n, s + r0, nullptr, b, rows, n);
+        fbgemm_rows(*pw, a + r0 * k, rows, k, n, acc + r0 * n, 0, 1);
+        rescale_rows(acc + r0 * n, reinterpret_cast<float*>(acc + r0 * n), s + r0, ws, co, zp, b, rows, n);
       }
     }
   });
@@ -215,8 +213,8 @@ py::object w8a8_int_mm(const at::Tensor& x, const at::Tensor& weight, const at::
   if (!all_token_codes<int8_t>(x, codes, scale, qmax, scale_floor, 0)) return py::none();
   at::Tensor acc = at::_int_mm(codes, weight.t()).contiguous();
   int32_t* accp = acc.data_ptr<int32_t>();
-  rescale_rows<int32_t>(accp, reinterpret_cast<float*>(accp), scale.data_ptr<float>(), w_scale.data_ptr<float>(),
-                        bias ? bias->data_ptr<float>() : nullptr, m, n);
+  rescale_rows(accp, reinterpret_cast<float*>(accp), scale.data_ptr<float>(), w_scale.data_ptr<float>(), nullptr, 0,
+               bias ? bias->data_ptr<float>() : nullptr, m, n);
   return py::cast(acc.view(at::kFloat));
 }
 
