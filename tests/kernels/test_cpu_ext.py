@@ -310,16 +310,17 @@ def test_build_without_fbgemm_keeps_the_int_mm_and_zo_ops(monkeypatch):
 @needs_fbgemm
 @needs_compiler
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")])
-def test_fused_w8a8_leaves_rows_with_inf_or_nan_to_the_aten_path(monkeypatch, bad):
-    x, qw, b = _packed_case(4, 64, 32)
-    x[2, 5] = bad
+@pytest.mark.parametrize("m, row", [(4, 2), (300, 250)])  # 300 rows: the bad row in the last slice
+def test_fused_w8a8_leaves_rows_with_inf_or_nan_to_the_aten_path(monkeypatch, bad, m, row):
+    x, qw, b = _packed_case(m, 64, 32)
+    x[row, 5] = bad
     with qmatmul.use_cpu_int8_backend(BACKENDS[-1]):
         for _ in range(2):  # packed on its second use
             int8_linear(x[:1], qw.qweight, qw.scale, b)
         packed = qmatmul._current_pack(qmatmul._FBGEMM, qw.qweight)
         assert packed is not None
         assert cpu_ext.w8a8_linear(x, packed, 127, b) is None
-        assert cpu_ext.w8a8_linear(x[:2], packed, 127, b) is not None
+        assert cpu_ext.w8a8_linear(x[:row].contiguous(), packed, 127, b) is not None  # the rows before it
         out = int8_linear(x, qw.qweight, qw.scale, b)
         ref = _aten_path(monkeypatch, lambda: int8_linear(x, qw.qweight, qw.scale, b))
     torch.testing.assert_close(out, ref, rtol=0, atol=0, equal_nan=True)

@@ -24,6 +24,7 @@
 #endif
 #include <atomic>
 #include <cmath>
+#include <memory>
 #include <type_traits>
 
 namespace {
@@ -157,41 +158,49 @@ py::object w8a8_linear(const at::Tensor& x, py::object packed_obj, int64_t qmax,
     if (z != 0) return py::none();
   check_x_bias(x, bias, k, n);
   const int64_t m = x.size(0);
-  auto codes = at::empty({m, k}, x.options().dtype(at::kByte));
-  auto scale = at::empty({m}, x.options());
   const int32_t zp = static_cast<int32_t>(qmax) + 1;
-  if (!all_token_codes<uint8_t>(x, codes, scale, qmax, scale_floor, zp)) return py::none();
-
-  // FBGEMM writes the int32 sums into out's memory; the epilogue turns them into fp32 in place
-  auto out = at::empty({m, n}, x.options());
-  const uint8_t* a = codes.data_ptr<uint8_t>();
-  int32_t* acc = reinterpret_cast<int32_t*>(out.data_ptr<float>());
-  const float* s = scale.data_ptr<float>();
+  const float qm = static_cast<float>(qmax), floor = static_cast<float>(scale_floor);
+  const float* xp = x.data_ptr<float>();
   const float* b = bias ? bias->data_ptr<float>() : nullptr;
   const float* ws = pw->w_scale.data();
   const int32_t* co = pw->col_offsets.data();
-  if (m <= SLICE) {  // FBGEMM splits the one call among the threads, then one epilogue pass
+  // FBGEMM writes the int32 sums into out's memory; the epilogue turns them into fp32 in place
+  auto out = at::empty({m, n}, x.options());
+  int32_t* acc = reinterpret_cast<int32_t*>(out.data_ptr<float>());
+  if (m <= SLICE) {  // the codes, FBGEMM splitting the one call among the threads, one epilogue pass
+    auto codes = at::empty({m, k}, x.options().dtype(at::kByte));
+    auto scale = at::empty({m}, x.options());
+    if (!all_token_codes<uint8_t>(x, codes, scale, qmax, scale_floor, zp)) return py::none();
+    const uint8_t* a = codes.data_ptr<uint8_t>();
     const int num_tasks = at::get_num_threads();
     at::parallel_for(0, num_tasks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) fbgemm_rows(*pw, a, m, k, n, acc, task, num_tasks);
     });
-    rescale_rows(acc, reinterpret_cast<float*>(acc), s, ws, co, zp, b, m, n);
+    rescale_rows(acc, reinterpret_cast<float*>(acc), scale.data_ptr<float>(), ws, co, zp, b, m, n);
     return py::cast(out);
   }
-  // Each task takes its own rows in slices of SLICE, FBGEMM single-threaded on each, and runs the
-  // epilogue on a slice right after its GEMM, while it is still in cache.
+  // Each task takes its own rows in slices of SLICE: the slice's codes into a buffer of one slice,
+  // FBGEMM single-threaded on them, the epilogue; codes and sums are still in cache when used, and
+  // no [M, K] buffer of codes is allocated per call.
   const int64_t num_tasks = std::min<int64_t>(at::get_num_threads(), (m + SLICE - 1) / SLICE);
+  std::atomic<bool> finite{true};
   at::parallel_for(0, num_tasks, 1, [&](int64_t begin, int64_t end) {
+    std::unique_ptr<uint8_t[]> codes(new uint8_t[SLICE * k]);
+    float scale[SLICE];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t r_begin = m * task / num_tasks, r_end = m * (task + 1) / num_tasks;
-      for (int64_t r0 = r_begin; r0 < r_end; r0 += SLICE) {
+      for (int64_t r0 = r_begin; r0 < r_end && finite; r0 += SLICE) {
         const int64_t rows = std::min<int64_t>(SLICE, r_end - r0);
-        fbgemm_rows(*pw, a + r0 * k, rows, k, n, acc + r0 * n, 0, 1);
-        rescale_rows(acc + r0 * n, reinterpret_cast<float*>(acc + r0 * n), s + r0, ws, co, zp, b, rows, n);
+        if (!token_codes<uint8_t>(xp + r0 * k, codes.get(), scale, 0, rows, k, qm, floor, zp)) {
+          finite = false;
+          break;
+        }
+        fbgemm_rows(*pw, codes.get(), rows, k, n, acc + r0 * n, 0, 1);
+        rescale_rows(acc + r0 * n, reinterpret_cast<float*>(acc + r0 * n), scale, ws, co, zp, b, rows, n);
       }
     }
   });
-  return py::cast(out);
+  return finite ? py::cast(out) : py::none();
 }
 
 #endif
