@@ -31,6 +31,7 @@ import argparse
 import random
 import statistics
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -119,7 +120,9 @@ def fbgemm_linear(w: torch.Tensor) -> torch.nn.Module:
     """The peer: what ``torch.ao.quantization.quantize_dynamic`` makes of an ``nn.Linear`` with weight w."""
     lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
     lin.weight.data.copy_(w)
-    return torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(lin), {torch.nn.Linear}, torch.qint8)[0]
+    with warnings.catch_warnings():  # torch.ao's deprecation notices, printed once per shape otherwise
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(lin), {torch.nn.Linear}, torch.qint8)[0]
 
 
 def aten_int4(w: torch.Tensor, group: int):
