@@ -324,13 +324,13 @@ def print_tables(args, rows, zo, sq, gpu, features) -> None:
 
 def main(argv=None) -> int:
     from colafx.files import atomic_write_bytes, atomic_write_json
-    from colafx.runtime.device import cpu_features, environment
+    from colafx.runtime.device import cpu_features, environment, isa_limits
 
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     set_cpu_int8_backend(args.backend)
     torch.manual_seed(0)
-    features = cpu_features()
+    features = cpu_features() + [f"{k}={v}" for k, v in isa_limits().items()]  # ISA limits: kernels of that ISA
     print(f"CPU features: {' '.join(features) or 'unknown'}; int8 backend {cpu_int8_backend()}, "
           f"{args.threads} threads", flush=True)
     with torch.no_grad():

@@ -28,7 +28,8 @@ to the reference, few torch ops) and multiplied by one of five backends (:func:`
 * ``"fbgemm"`` (exact, CPUs with AVX512-VNNI / AMX only): FBGEMM's u8·s8 GEMM (what
   ``quantize_dynamic`` runs) on the 8-bit per-token codes ``u8 = q + 128``; VNNI's dot products
   accumulate in int32, so nothing saturates. Without VNNI FBGEMM's AVX2 kernel would saturate its
-  16-bit pair sums, so it is refused there.
+  16-bit pair sums, so it is refused there, and where ``FBGEMM_ENABLE_INSTRUCTIONS`` holds FBGEMM
+  to AVX2 / AVX512 / AVX512_256 on a VNNI CPU.
 * ``"onednn_a7"`` (fast, not exact W8A8): 7-bit activation codes (qmax 63, as FBGEMM's
   ``reduce_range``), ``u8 = q + 64 ≤ 127``: one GEMM, no saturation on AVX2, ~6 dB lower SQNR.
 * ``"fbgemm_a7"``: the same 7-bit per-token codes through FBGEMM's u8·s8 GEMM (2-4x faster than
@@ -42,7 +43,8 @@ to the reference, few torch ops) and multiplied by one of five backends (:func:`
 
 ``"auto"`` (default) picks ``"onednn"`` on CPUs with AMX, ``"fbgemm"`` on CPUs with AVX512-VNNI but
 no AMX (there oneDNN 3.12 runs the prepacked int8 matmul in its reference kernel: 300 ms where
-FBGEMM takes 0.07 ms, measured on an AMD EPYC with AVX512-VNNI) and ``"fbgemm_a7"`` elsewhere
+FBGEMM takes 0.07 ms, measured on an AMD EPYC with AVX512-VNNI) unless FBGEMM is held to an older
+ISA, and ``"fbgemm_a7"`` elsewhere
 (``"onednn_a7"``, ``"onednn"`` in builds without FBGEMM). The prepacked weight is cached per weight
 tensor and its version. With VNNI / AMX a weight is packed
 only on its second unchanged use (the first runs ``torch._int_mm``), and a weight changed in place
@@ -380,19 +382,28 @@ def set_cpu_int8_backend(name: str) -> None:
 
     Raises ValueError for an unknown name, a oneDNN backend on a build without oneDNN, an FBGEMM
     backend without FBGEMM ("fbgemm_a7" also needs oneDNN for weights changed in place) or
-    "fbgemm" on a CPU without AVX512-VNNI / AMX (FBGEMM's AVX2 kernel saturates 8-bit codes).
+    "fbgemm" where FBGEMM runs no VNNI dot products (a CPU without AVX512-VNNI / AMX, or
+    ``FBGEMM_ENABLE_INSTRUCTIONS`` set to AVX2 / AVX512 / AVX512_256: that kernel's int16 pair
+    sums saturate on 8-bit codes).
     Also settable with ``COLAFX_CPU_INT8_BACKEND``.
     """
     global _cpu_backend, _resolved_backend
+    _check_backend(name, "backend")
+    _cpu_backend, _resolved_backend = name, None
+
+
+def _check_backend(name: str, what: str) -> None:
+    """Raise ValueError (naming ``what``) where :func:`set_cpu_int8_backend` says it does."""
     if name not in CPU_INT8_BACKENDS:
-        raise ValueError(f"backend must be one of {CPU_INT8_BACKENDS}, got {name!r}")
+        raise ValueError(f"{what} must be one of {CPU_INT8_BACKENDS}, got {name!r}")
     if name in ("onednn", *_A7) and not _onednn_available():
         raise ValueError("this torch build has no oneDNN quantized linear ops")
     if name in _FBGEMM_BACKENDS and not _fbgemm_available():
         raise ValueError("this torch build has no FBGEMM quantized linear ops")
-    if name == "fbgemm" and not _has_int8_dot_instructions():
-        raise ValueError("backend 'fbgemm' is exact only on CPUs with AVX512-VNNI / AMX; use 'fbgemm_a7' here")
-    _cpu_backend, _resolved_backend = name, None
+    if name == "fbgemm" and not _fbgemm_has_vnni():
+        raise ValueError(f"{what} 'fbgemm' is exact only where FBGEMM runs AVX512-VNNI / AMX dot products "
+                         f"(this CPU, FBGEMM_ENABLE_INSTRUCTIONS={os.environ.get(_FBGEMM_ISA_ENV)!r}); "
+                         "use 'fbgemm_a7' here")
 
 
 @contextlib.contextmanager
@@ -410,19 +421,21 @@ def use_cpu_int8_backend(name: str):
 
 def cpu_int8_backend() -> str:
     """Return the CPU int8 GEMM backend in use ("int_mm", "onednn", "fbgemm", "onednn_a7" or
-    "fbgemm_a7"), resolving "auto". Raises ValueError for an unknown ``COLAFX_CPU_INT8_BACKEND``."""
+    "fbgemm_a7"), resolving "auto". Raises ValueError for a ``COLAFX_CPU_INT8_BACKEND`` that
+    :func:`set_cpu_int8_backend` would refuse."""
     global _resolved_backend
     if _resolved_backend is None:
-        if _cpu_backend not in CPU_INT8_BACKENDS:  # only COLAFX_CPU_INT8_BACKEND can bring one in
-            raise ValueError(f"COLAFX_CPU_INT8_BACKEND must be one of {CPU_INT8_BACKENDS}, got {_cpu_backend!r}")
-        if _cpu_backend != "auto":
+        if _cpu_backend != "auto":  # set_cpu_int8_backend checked it; COLAFX_CPU_INT8_BACKEND is checked here
+            _check_backend(_cpu_backend, "COLAFX_CPU_INT8_BACKEND")
             _resolved_backend = _cpu_backend
         elif not _onednn_available():
             _resolved_backend = "int_mm"
         elif _has_amx():
             _resolved_backend = "onednn"
-        elif _has_int8_dot_instructions():
-            _resolved_backend = "fbgemm" if _fbgemm_available() else "onednn"
+        elif _has_int8_dot_instructions() and not _fbgemm_available():
+            _resolved_backend = "onednn"
+        elif _fbgemm_has_vnni():
+            _resolved_backend = "fbgemm"
         else:
             _resolved_backend = "fbgemm_a7" if _fbgemm_available() else "onednn_a7"
     return _resolved_backend
@@ -443,6 +456,18 @@ def _has_int8_dot_instructions() -> bool:
     """True when the CPU has AVX512-VNNI or AMX (int8 dot products into int32, no 16-bit
     saturation: oneDNN's s8 GEMM, FBGEMM's and torch._int_mm are exact and fast)."""
     return getattr(torch.cpu, "_is_vnni_supported", lambda: False)() or _has_amx()
+
+
+_FBGEMM_ISA_ENV = "FBGEMM_ENABLE_INSTRUCTIONS"
+_FBGEMM_PRE_VNNI_ISAS = ("AVX2", "AVX512", "AVX512_256")  # values of it that turn VNNI off in FBGEMM
+
+
+def _fbgemm_has_vnni() -> bool:
+    """True when FBGEMM's u8·s8 GEMM runs VNNI dot products here: the CPU has them and
+    ``FBGEMM_ENABLE_INSTRUCTIONS`` does not hold FBGEMM to an older ISA, whose int16 pair sums
+    saturate on 8-bit codes (the 7-bit backends stay exact there)."""
+    forced = os.environ.get(_FBGEMM_ISA_ENV, "").strip().upper()
+    return forced not in _FBGEMM_PRE_VNNI_ISAS and _has_int8_dot_instructions()
 
 
 def _has_amx() -> bool:

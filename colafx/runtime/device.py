@@ -109,12 +109,21 @@ def cpu_features() -> list[str]:
     return [w for w in wanted if w in flags]
 
 
+ISA_LIMIT_VARS = ("ATEN_CPU_CAPABILITY", "FBGEMM_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
+
+def isa_limits() -> dict[str, str]:
+    """The environment variables set here that hold ATen, FBGEMM, oneDNN or MKL to an older
+    instruction set than the CPU's (a run with them measures that ISA's kernels, not the CPU's)."""
+    return {name: os.environ[name] for name in ISA_LIMIT_VARS if os.environ.get(name)}
+
+
 def environment(device: torch.device, dtype: str | None = None) -> dict:
     """What a measurement ran on: device and its name, dtype, torch / triton / CUDA versions, and the
     CPU's kind and features. Recorded in ``metrics.jsonl`` and every bench JSON."""
     info = {"device": str(device), "dtype": dtype, "torch": torch.__version__, "cuda": torch.version.cuda,
             "cpu": platform.processor() or platform.machine(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "cpu_features": cpu_features(), "threads": torch.get_num_threads()}
+            "cpu_features": cpu_features(), "isa_limits": isa_limits(), "threads": torch.get_num_threads()}
     try:
         import triton
 

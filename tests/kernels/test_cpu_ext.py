@@ -15,7 +15,7 @@ from .conftest import REL_TOL, rel_err
 
 needs_fbgemm = pytest.mark.skipif(not qmatmul._fbgemm_available(), reason="torch build without FBGEMM")
 needs_compiler = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler to build the op")
-BACKENDS = ["fbgemm_a7"] + (["fbgemm"] if qmatmul._has_int8_dot_instructions() else [])
+BACKENDS = ["fbgemm_a7"] + (["fbgemm"] if qmatmul._fbgemm_has_vnni() else [])
 ZO_CASES = [(8, 45, 96, None), (8, 7, 100, 20), (4, 45, 96, None), (4, 9, 128, 32), (8, 1728, 576, None)]
 
 

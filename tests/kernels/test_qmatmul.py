@@ -6,6 +6,10 @@ SQNR thresholds (dB, Gaussian x and w, [64, 256] x [128, 256]) were set ~3 dB un
 minimum over 5 seeds (W8A8 40.0, W8A16 43.2, W8g32A8 41.0, W8g32A16 45.4, W4 per-channel 17.9,
 W4g32 20.2).
 """
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -78,7 +82,7 @@ def _available_backends():
         names += ["onednn", "onednn_a7"]
         if qmatmul._fbgemm_available():
             names.append("fbgemm_a7")
-            if qmatmul._has_int8_dot_instructions():
+            if qmatmul._fbgemm_has_vnni():
                 names.append("fbgemm")
     return names
 
@@ -202,8 +206,8 @@ def test_7_bit_linear_matches_a_7_bit_activation_reference_and_loses_sqnr(backen
 def test_fbgemm_packs_only_weights_used_twice_unchanged_and_follows_in_place_updates(backend):
     """A constant weight is FBGEMM-packed on its second use; a weight changed in place (QuZO)
     is never packed (no second copy), runs oneDNN / torch._int_mm, and its results follow every change."""
-    if backend == "fbgemm" and not qmatmul._has_int8_dot_instructions():
-        pytest.skip("exact 8-bit FBGEMM needs AVX512-VNNI / AMX")
+    if backend == "fbgemm" and not qmatmul._fbgemm_has_vnni():
+        pytest.skip("exact 8-bit FBGEMM needs its AVX512-VNNI / AMX kernels")
     qmax = qmatmul.A7_QMAX if backend == "fbgemm_a7" else 127
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(5, 64, generator=gen)
@@ -299,28 +303,77 @@ def test_backend_selection():
         assert name in ("int_mm", "onednn", "fbgemm", "onednn_a7", "fbgemm_a7")
 
 
-@pytest.mark.parametrize("vnni, amx", [(False, False), (True, False), (True, True)])
-def test_auto_backend_is_exact_only_with_int8_dot_instructions(monkeypatch, vnni, amx):
+@pytest.mark.parametrize("vnni, amx, fbgemm_isa", [(False, False, None), (True, False, None), (True, True, None),
+                                                   (True, False, "AVX2"), (True, False, "avx512"),
+                                                   (True, False, "AVX512_E1"), (True, True, "AVX2")])
+def test_auto_backend_is_exact_only_with_int8_dot_instructions(monkeypatch, vnni, amx, fbgemm_isa):
     """AMX: "auto" picks oneDNN's prepacked s8 GEMM; AVX512-VNNI without AMX: FBGEMM's exact 8-bit
-    GEMM (oneDNN's prepacked matmul runs its reference kernel there); neither: exactness costs a
-    second GEMM, so the 7-bit-activation form (through FBGEMM where the build has it)."""
+    GEMM (oneDNN's prepacked matmul runs its reference kernel there), unless FBGEMM_ENABLE_INSTRUCTIONS
+    holds FBGEMM to a pre-VNNI ISA; neither: exactness costs a second GEMM, so the 7-bit-activation
+    form (through FBGEMM where the build has it)."""
     if not qmatmul._onednn_available():
         pytest.skip("this torch build has no oneDNN quantized linear ops")
     monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: vnni, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    if fbgemm_isa is None:
+        monkeypatch.delenv("FBGEMM_ENABLE_INSTRUCTIONS", raising=False)
+    else:
+        monkeypatch.setenv("FBGEMM_ENABLE_INSTRUCTIONS", fbgemm_isa)
     fbgemm = qmatmul._fbgemm_available()
-    expected = {(False, False): "fbgemm_a7" if fbgemm else "onednn_a7",
-                (True, False): "fbgemm" if fbgemm else "onednn", (True, True): "onednn"}[vnni, amx]
+    fbgemm_vnni = vnni and fbgemm_isa in (None, "AVX512_E1")
+    expected = "onednn" if amx else "fbgemm" if fbgemm and fbgemm_vnni else "onednn" if vnni and not fbgemm \
+        else "fbgemm_a7" if fbgemm else "onednn_a7"
     with qmatmul.use_cpu_int8_backend("auto") as name:
         assert name == expected
 
 
-def test_exact_fbgemm_backend_is_refused_without_int8_dot_instructions(monkeypatch):
-    """FBGEMM's AVX2 kernel saturates 8-bit codes, so "fbgemm" is refused on such a CPU."""
-    monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: False, raising=False)
+@pytest.mark.parametrize("vnni, fbgemm_isa", [(False, None), (True, "AVX2"), (True, "AVX512_256")])
+def test_exact_fbgemm_backend_is_refused_where_fbgemm_has_no_vnni(monkeypatch, vnni, fbgemm_isa):
+    """FBGEMM's pre-VNNI kernels saturate 8-bit codes, so "fbgemm" is refused on a CPU without VNNI
+    and where FBGEMM_ENABLE_INSTRUCTIONS holds FBGEMM to such a kernel, whether it is asked for in
+    code or through COLAFX_CPU_INT8_BACKEND."""
+    if not qmatmul._fbgemm_available():
+        pytest.skip("this torch build has no FBGEMM quantized linear ops")
+    monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: vnni, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
-    with pytest.raises(ValueError, match="fbgemm_a7"):
+    if fbgemm_isa is None:
+        monkeypatch.delenv("FBGEMM_ENABLE_INSTRUCTIONS", raising=False)
+    else:
+        monkeypatch.setenv("FBGEMM_ENABLE_INSTRUCTIONS", fbgemm_isa)
+    with pytest.raises(ValueError, match="backend 'fbgemm' is exact only.*use 'fbgemm_a7'"):
         qmatmul.set_cpu_int8_backend("fbgemm")
+    monkeypatch.setattr(qmatmul, "_cpu_backend", "fbgemm")
+    monkeypatch.setattr(qmatmul, "_resolved_backend", None)
+    with pytest.raises(ValueError, match="COLAFX_CPU_INT8_BACKEND 'fbgemm' is exact only"):
+        qmatmul.cpu_int8_backend()
+
+
+_HELD_TO_AVX2 = """
+import torch
+from colafx.kernels import int8_linear, qmatmul, quantize_weight
+torch.manual_seed(0)
+x = torch.randn(8, 256)
+x[:, 3] *= 20  # large codes: a saturating int16 pair sum would show
+qw = quantize_weight(torch.randn(64, 256) / 16, 8)
+for _ in range(3):  # packed on the second use
+    out = int8_linear(x, qw.qweight, qw.scale)
+ref = qmatmul.qlinear_ref(x, qw.qweight, qw.scale, None, act_qmax=qmatmul.cpu_act_qmax())
+print(qmatmul.cpu_int8_backend(), float(((out - ref).norm() / ref.norm())))
+"""
+
+
+def test_fbgemm_held_to_avx2_by_its_environment_variable_still_gives_exact_results():
+    """FBGEMM reads FBGEMM_ENABLE_INSTRUCTIONS once, so a fresh process: with FBGEMM held to AVX2
+    (on a VNNI CPU too), the default backend is the 7-bit one and the packed weight's output
+    matches its reference (the exact 8-bit codes through that kernel were off by ~6%)."""
+    if not qmatmul._fbgemm_available() or not qmatmul._onednn_available():
+        pytest.skip("this torch build has no FBGEMM / oneDNN quantized linear ops")
+    env = {**os.environ, "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2", "OMP_NUM_THREADS": "1"}
+    env.pop("COLAFX_CPU_INT8_BACKEND", None)
+    run = subprocess.run([sys.executable, "-c", _HELD_TO_AVX2], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    backend, err = run.stdout.split()
+    assert backend == "fbgemm_a7" and float(err) < 1e-5
 
 
 def test_every_backend_is_exact_on_the_largest_codes(cpu_backend):

@@ -42,3 +42,12 @@ def test_environment_names_device_dtype_and_versions():
     assert env["device"] == "cpu" and env["dtype"] == "fp32" and env["torch"] == torch.__version__
     assert env["triton"] and env["cpu_capability"] and isinstance(env["cpu_features"], list)
     assert env["device_name"]
+
+
+def test_environment_records_the_variables_that_hold_libraries_to_an_older_isa(monkeypatch):
+    for name in ("ATEN_CPU_CAPABILITY", "FBGEMM_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS"):
+        monkeypatch.delenv(name, raising=False)
+    assert environment(torch.device("cpu"))["isa_limits"] == {}
+    monkeypatch.setenv("FBGEMM_ENABLE_INSTRUCTIONS", "AVX2")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "")  # set but empty: no limit
+    assert environment(torch.device("cpu"))["isa_limits"] == {"FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"}
