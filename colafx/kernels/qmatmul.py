@@ -718,7 +718,11 @@ def _w4a16_few_tokens(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Ten
 
 
 def _has_bf16_dot_instructions() -> bool:
-    """True when the CPU multiplies bf16 natively (AVX512-BF16 or AMX): oneDNN's bf16 GEMM is fast."""
+    """True when the CPU multiplies bf16 natively (AVX512-BF16 or AMX): oneDNN's bf16 GEMM is fast.
+    False where ``ATEN_CPU_CAPABILITY`` holds torch below AVX-512: colafx's C++ ops are then built
+    for that ISA too, and their kernels keep to it."""
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        return False
     return getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or _has_amx()
 
 

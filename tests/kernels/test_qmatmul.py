@@ -419,6 +419,17 @@ def test_bad_inputs_raise(index):
         call()
 
 
+@pytest.mark.parametrize("capability, bf16, amx, expected", [("AVX512", True, False, True), ("AVX512", False, True, True),
+                                                         ("AVX512", False, False, False), ("AVX2", True, True, False)])
+def test_bf16_dot_products_are_used_only_where_torch_runs_avx512(monkeypatch, capability, bf16, amx, expected):
+    """AVX512-BF16 / AMX count only while torch dispatches to AVX-512: ATEN_CPU_CAPABILITY=avx2
+    builds colafx's C++ ops for AVX2, and their kernels keep to it."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    assert qmatmul._has_bf16_dot_instructions() is expected
+
+
 @pytest.mark.parametrize("k, group_size", [(96, 32), (192, 64), (96, None)])
 def test_w4a16_bf16_without_bf16_dot_products_runs_atens_int4_kernel_and_follows_in_place_updates(
         monkeypatch, k, group_size):
