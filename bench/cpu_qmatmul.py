@@ -34,6 +34,11 @@ import time
 import warnings
 from pathlib import Path
 
+try:
+    import resource  # Unix: page-fault counts
+except ImportError:  # pragma: no cover
+    resource = None
+
 import torch
 import torch.nn.functional as F
 
@@ -73,31 +78,44 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def sample(fn, min_time: float) -> float:
-    """Seconds per call of ``fn``: loops until ``min_time`` has elapsed (at least one call)."""
-    calls, start = 0, time.perf_counter()
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource else 0
+
+
+def sample(fn, min_time: float, faults: list | None = None) -> float:
+    """Seconds per call of ``fn``: loops until ``min_time`` has elapsed (at least one call).
+    ``faults``, if given, receives the process's minor page faults per call of the loop."""
+    calls, start, faults0 = 0, time.perf_counter(), _minor_faults()
     while True:
         fn()
         calls += 1
         elapsed = time.perf_counter() - start
         if elapsed >= min_time:
+            if faults is not None:
+                faults.append((_minor_faults() - faults0) / calls)
             return elapsed / calls
 
 
-def interleaved(fns: dict, repeats: int, min_time: float, samples: dict | None = None) -> dict:
+def interleaved(fns: dict, repeats: int, min_time: float, samples: dict | None = None,
+                faults: dict | None = None) -> dict:
     """Median seconds per call of each ``fns[name]``, the variants taking turns in every repeat, in
     a new order each time (what ran just before, e.g. what it left to the allocator, moves a large
-    call's time by several percent); ``samples``, if given, receives every repeat's seconds."""
+    call's time by several percent); ``samples``, if given, receives every repeat's seconds, and
+    ``faults`` every repeat's page faults per call (a large output page-faulted in anew on every
+    call, or not, depending on the heap that earlier calls left: up to ~10% of a call's time)."""
     for fn in fns.values():
         fn()  # warm-up: allocator, and weights are prepacked on their second unchanged use
         fn()
     times = {name: [] for name in fns}
+    page_faults = {name: [] for name in fns}
     order = random.Random(0)
     for _ in range(repeats):
         for name in order.sample(list(fns), len(fns)):
-            times[name].append(sample(fns[name], min_time))
+            times[name].append(sample(fns[name], min_time, page_faults[name]))
     if samples is not None:
         samples.update(times)
+    if faults is not None:
+        faults.update(page_faults)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -156,7 +174,8 @@ def cpu_rows(args) -> list[dict]:
                 fns["aten_int4"] = lambda: int4_peer(xb)
                 fns["w4a16"] = lambda: int4_linear(xb, q4g.qweight, q4g.scale, group_size=g, act_bits=16)
             per_repeat: dict = {}
-            t = interleaved(fns, args.repeats, args.min_time, per_repeat)
+            faults: dict = {}
+            t = interleaved(fns, args.repeats, args.min_time, per_repeat, faults)
             flops = 2 * m * d * d
             row = {"d": d, "tokens": m, "backend": backend, **{f"{k}_ms": 1e3 * v for k, v in t.items()},
                    "fp32_gflops": flops / t["fp32"] / 1e9, "w8a8_gops": flops / t["w8a8"] / 1e9,
@@ -164,7 +183,8 @@ def cpu_rows(args) -> list[dict]:
                    "vs_fbgemm": t["fbgemm"] / t["w8a8"],
                    "vs_fbgemm_range": ratio_range(per_repeat["fbgemm"], per_repeat["w8a8"]),
                    "fbgemm_speedup": t["fp32"] / t["fbgemm"],
-                   "w4a8_speedup": t["fp32"] / t["w4a8"]}
+                   "w4a8_speedup": t["fp32"] / t["w4a8"],
+                   "page_faults_per_call": {k: [round(f) for f in v] for k, v in faults.items()}}
             if "w4a16" in t:
                 row.update(w4a16_vs_aten=t["aten_int4"] / t["w4a16"], w4a16_speedup=t["fp32"] / t["w4a16"],
                            w4a16_speedup_range=ratio_range(per_repeat["fp32"], per_repeat["w4a16"]))
@@ -300,6 +320,10 @@ def print_tables(args, rows, zo, sq, gpu, features) -> None:
               + (f"{r['aten_int4_ms']:.3f} | {r['w4a16_ms']:.3f} | {r['w4a16_vs_aten']:.2f}x | "
                  f"{r['w4a16_speedup']:.2f}x {_spread(r['w4a16_speedup_range'])} |"
                  if "w4a16_ms" in r else "– | – | – | – |"))
+    faulted = [f"d {r['d']} x {r['tokens']}: " + ", ".join(f"{k} {statistics.median(v):.0f}" for k, v in
+                                                          r["page_faults_per_call"].items() if statistics.median(v) > 10)
+               for r in rows if any(statistics.median(v) > 10 for v in r["page_faults_per_call"].values())]
+    print("\nPage faults per call (median over the repeats) above 10: " + ("; ".join(faulted) or "none"))
     print("\nIn-place ZO perturbation of one [3d, d] weight (+ε·u), weight bytes/s and elements/s\n")
     print("| d | weight | variant | ms | weight GB/s | M elements/s |")
     print("|---|---|---|---|---|---|")

@@ -31,6 +31,7 @@ def test_kernel_bench_writes_medians_and_ratio_spreads(tmp_path, capsys):
     for r in rows.values():
         low, high = r["vs_fbgemm_range"]
         assert 0 < low <= high
+        assert all(len(f) == 3 and min(f) >= 0 for f in r["page_faults_per_call"].values())  # one per repeat
     assert "w4a16_speedup_range" in rows[1] and "w4a16_ms" not in rows[3]  # int4 timed up to --int4-max-tokens
     out = capsys.readouterr().out
-    assert "lowest and highest ratio of one repeat" in out and "x (" in out
+    assert "lowest and highest ratio of one repeat" in out and "x (" in out and "Page faults per call" in out
