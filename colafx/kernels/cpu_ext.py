@@ -10,8 +10,9 @@ perturbation / update.
   ``_int_mm``'s int32 result: no fp32 temporary). Source: ``csrc/w8a8.cpp``.
 * ``zo_int_rows(...)``: :mod:`.zo`'s integer perturbation / update of a block of weight rows in
   one pass from the raw 16-bit noise, bit-identical to its ATen path. Source: ``csrc/zo.cpp``.
-* ``dequant_int4_bf16(qweight, w_scale)``: a packed int4 weight as bf16 in one pass, for W4A16
-  with many tokens (a bf16 GEMM on it beats ATen's int4 kernel there). Source: ``csrc/dequant.cpp``.
+* ``dequant_int4(qweight, w_scale, dtype)``: a packed int4 weight as bf16 or fp32 in one pass, for
+  W4A16 with many tokens (a bf16 or fp32 GEMM on it beats ATen's int4 kernel there). Source:
+  ``csrc/dequant.cpp``.
 * ``w4a16_linear(x, qweight, w_scale, bias)``: W4A16 for few tokens (decode), the int4 weight
   read once and dequantized in registers: bf16 dot products (``vdpbf16ps``) on AVX512-BF16 CPUs,
   fp32 FMAs otherwise. Source: ``csrc/w4a16.cpp``.
@@ -130,11 +131,16 @@ def zo_int_rows(block: torch.Tensor, scales: torch.Tensor, normal_bits: torch.Te
     return True
 
 
-def dequant_int4_bf16(qweight: torch.Tensor, w_scale: torch.Tensor) -> Optional[torch.Tensor]:
-    """The bf16 [N, K] weight of a packed int4 ``qweight`` (uint8 [N, K / 2]) with fp32 scales
-    [N, G] (``dequantize_ref(q, s).to(torch.bfloat16)``, bit for bit); None when unavailable."""
+def dequant_int4(qweight: torch.Tensor, w_scale: torch.Tensor, dtype: torch.dtype = torch.bfloat16
+                 ) -> Optional[torch.Tensor]:
+    """The [N, K] weight of a packed int4 ``qweight`` (uint8 [N, K / 2]) with fp32 scales [N, G],
+    in ``dtype`` bf16 or fp32 (``dequantize_ref(q, s).to(dtype)``, bit for bit); None when
+    unavailable. Raises ValueError for another dtype."""
+    if dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"dequant_int4 makes bf16 or fp32 weights, not {dtype}")
     ext = extension()
-    return None if ext is None else ext.dequant_int4_bf16(qweight.contiguous(), w_scale.float().contiguous())
+    return None if ext is None else ext.dequant_int4(qweight.contiguous(), w_scale.float().contiguous(),
+                                                     dtype == torch.bfloat16)
 
 
 def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor],

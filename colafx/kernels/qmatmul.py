@@ -681,19 +681,25 @@ def _aten_int4_linear(x2: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Te
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), hit[0], g, hit[1])
 
 
-_W4A16_BF16_TOKENS = 32  # below: the C++ few-token kernel; from here: dequantize + bf16 GEMM (bench/cpu_qmatmul.py)
+_W4A16_BF16_TOKENS = 32  # below: the C++ few-token kernel; from here: dequantize + GEMM (bench/cpu_qmatmul.py)
 
 
-def _w4a16_bf16_gemm(x2: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor) -> Optional[torch.Tensor]:
-    """W4A16 for bf16 ``x2`` with at least 32 tokens on CPUs with bf16 dot products (AVX512-BF16 /
-    AMX): the weight dequantized to bf16 in one C++ pass (:func:`.cpu_ext.dequant_int4_bf16`, a
-    temporary), then oneDNN's bf16 GEMM; None where it does not apply."""
-    if x2.dtype != torch.bfloat16 or x2.shape[0] < _W4A16_BF16_TOKENS or not _has_bf16_dot_instructions():
+def _w4a16_dequant_gemm(x2: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor) -> Optional[torch.Tensor]:
+    """W4A16 as one C++ pass that dequantizes the int4 weight (:func:`.cpu_ext.dequant_int4`, a
+    temporary of one layer's weight) and a GEMM: a bf16 weight and oneDNN's bf16 GEMM for bf16 x on
+    CPUs with bf16 dot products (AVX512-BF16 / AMX), else an fp32 weight and the fp32 GEMM (x
+    widened, the result in x's dtype: the weight bits of ``dequantize_ref``). For bf16 x from 32
+    tokens (below, the few-token kernel or ATen's int4 kernel is faster) and fp32 / fp16 x; None
+    where it does not apply (other dtypes, a group of odd length, no C++ ops)."""
+    if x2.dtype not in _W4A16_DTYPES or (x2.dtype == torch.bfloat16 and x2.shape[0] < _W4A16_BF16_TOKENS):
         return None
     if (qweight.shape[1] * 2 // w_scale.shape[1]) % 2:  # a group of odd length splits a byte
         return None
-    w = cpu_ext.dequant_int4_bf16(qweight, w_scale)
-    return None if w is None else F.linear(x2, w)
+    bf16 = x2.dtype == torch.bfloat16 and _has_bf16_dot_instructions()
+    w = cpu_ext.dequant_int4(qweight, w_scale, torch.bfloat16 if bf16 else torch.float32)
+    if w is None:
+        return None
+    return F.linear(x2, w) if bf16 else F.linear(x2.float(), w).to(x2.dtype)
 
 
 _W4A16_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the few-token kernel takes
@@ -728,8 +734,8 @@ def _has_bf16_dot_instructions() -> bool:
 
 def _qlinear_cpu(x, qweight, w_scale, bias, act_bits, bits):
     """CPU fast path: int8 GEMM + fp32 epilogue (W·A8); for W4A16 the C++ kernel (few tokens), a
-    bf16 GEMM on the dequantized weight (many bf16 tokens) or ATen's int4 kernel; else dequantize +
-    F.linear (other W·A16)."""
+    bf16 or fp32 GEMM on the weight dequantized in C++ (many tokens) or ATen's int4 kernel; else
+    dequantize + F.linear (other W·A16)."""
     if act_bits == 16 and bits == 4:  # first: decode's hot path
         out = _w4a16_few_tokens(x, qweight, w_scale, bias)
         if out is not None:
@@ -741,7 +747,7 @@ def _qlinear_cpu(x, qweight, w_scale, bias, act_bits, bits):
     if act_bits == 16:
         out = None
         if bits == 4:
-            out = _w4a16_bf16_gemm(x2, qweight, w_scale)
+            out = _w4a16_dequant_gemm(x2, qweight, w_scale)
             if out is None:
                 out = _aten_int4_linear(x2, qweight, w_scale)
         if out is None:  # fp16 in fp32: the CPU's fp16 GEMM is a slow path

@@ -5,6 +5,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from colafx.kernels import cpu_ext, qmatmul
 from colafx.kernels.qmatmul import int4_linear, int8_linear, qlinear_ref
@@ -128,37 +129,69 @@ def test_fused_zo_integer_steps_are_bit_identical_to_the_aten_path(monkeypatch, 
 DEQUANT_CASES = [(45, 96, None), (16, 96, 32), (33, 130, 26), (1728, 576, 32)]
 
 
-def _check_dequant(n, k, group_size):
+def _check_dequant(n, k, group_size, dtype=torch.bfloat16):
     qw = quantize_weight(torch.randn(n, k, generator=torch.Generator().manual_seed(k)), 4, group_size)
-    got = cpu_ext.dequant_int4_bf16(qw.qweight, qw.scale)
-    assert got.dtype == torch.bfloat16 and torch.equal(got, dequantize_weight(qw).to(torch.bfloat16)), (n, k)
+    got = cpu_ext.dequant_int4(qw.qweight, qw.scale, dtype)
+    assert got.dtype == dtype and torch.equal(got, dequantize_weight(qw).to(dtype)), (n, k, dtype)
 
 
 @needs_compiler
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("n, k, group_size", DEQUANT_CASES)
-def test_int4_to_bf16_dequant_is_bit_identical_to_the_reference(n, k, group_size):
-    """Per channel, groups of 32 and of 26 (a vector tail in every group), many rows."""
-    _check_dequant(n, k, group_size)
+def test_int4_dequant_is_bit_identical_to_the_reference(n, k, group_size, dtype):
+    """bf16 and fp32 weights; per channel, groups of 32 and of 26 (a vector tail in every group),
+    many rows."""
+    _check_dequant(n, k, group_size, dtype)
+
+
+def test_int4_dequant_refuses_other_dtypes():
+    qw = quantize_weight(torch.randn(4, 64), 4, 32)
+    with pytest.raises(ValueError, match="bf16 or fp32 weights, not torch.float16"):
+        cpu_ext.dequant_int4(qw.qweight, qw.scale, torch.float16)
 
 
 @needs_compiler
-@pytest.mark.skipif(not qmatmul._has_bf16_dot_instructions(), reason="no AVX512-BF16 / AMX: ATen's int4 kernel runs")
+@pytest.mark.parametrize("bf16_dot", [True, False])
 @pytest.mark.parametrize("m", [32, 129])
 @pytest.mark.parametrize("group_size", [None, 32])
-def test_w4a16_from_32_tokens_runs_a_bf16_gemm_on_the_dequantized_weight(monkeypatch, m, group_size):
+def test_w4a16_from_32_tokens_runs_a_gemm_on_the_weight_dequantized_in_cpp(monkeypatch, bf16_dot, m, group_size):
+    """bf16 x from 32 tokens: a bf16 weight and bf16 GEMM with bf16 dot products, an fp32 weight and
+    fp32 GEMM without (not ATen's int4 kernel, ~1.7x slower there from 128 tokens); below 32
+    tokens the few-token kernel."""
+    if bf16_dot and not qmatmul._has_bf16_dot_instructions():
+        pytest.skip("no AVX512-BF16 / AMX here")
+    monkeypatch.setattr(qmatmul, "_has_bf16_dot_instructions", lambda: bf16_dot)
     gen = torch.Generator().manual_seed(m)
     x = torch.randn(m, 96, generator=gen).bfloat16()
     qw = quantize_weight(torch.randn(48, 96, generator=gen) / 96**0.5, 4, group_size)
     b = torch.randn(48, generator=gen)
-    calls = []
-    dequant = cpu_ext.dequant_int4_bf16
-    monkeypatch.setattr(cpu_ext, "dequant_int4_bf16", lambda *a: calls.append(1) or dequant(*a))
+    calls, aten_calls = [], []
+    dequant, aten = cpu_ext.dequant_int4, torch.ops.aten._weight_int4pack_mm_for_cpu
+    monkeypatch.setattr(cpu_ext, "dequant_int4", lambda *a: calls.append(a[2]) or dequant(*a))
+    monkeypatch.setattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", lambda *a: aten_calls.append(1) or aten(*a))
     out = int4_linear(x, qw.qweight, qw.scale, b, group_size, act_bits=16)
-    assert calls and out.dtype == torch.bfloat16 and out.shape == (m, 48)
+    assert calls == [torch.bfloat16 if bf16_dot else torch.float32] and not aten_calls
+    assert out.dtype == torch.bfloat16 and out.shape == (m, 48)
     assert rel_err(out, qlinear_ref(x, qw.qweight, qw.scale, b, 16, 4)) <= 2 * REL_TOL[torch.bfloat16]
     calls.clear()
-    int4_linear(x[:31], qw.qweight, qw.scale, b, group_size, act_bits=16)  # below 32 tokens: the few-token kernel
+    int4_linear(x[:31], qw.qweight, qw.scale, b, group_size, act_bits=16)  # the few-token kernel or ATen's
     assert not calls
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_w4a16_fp32_and_fp16_from_32_tokens_multiply_the_cpp_fp32_weight_with_the_reference_bits(monkeypatch, dtype):
+    """fp32 / fp16 x beyond the few-token kernel: the C++ fp32 weight (bit-equal to dequantize_ref)
+    and one fp32 GEMM, so the output equals F.linear on the reference weight exactly."""
+    calls = []
+    dequant = cpu_ext.dequant_int4
+    monkeypatch.setattr(cpu_ext, "dequant_int4", lambda *a: calls.append(a[2]) or dequant(*a))
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(40, 96, generator=gen).to(dtype)
+    qw = quantize_weight(torch.randn(48, 96, generator=gen) / 96**0.5, 4, 32)
+    out = int4_linear(x, qw.qweight, qw.scale, None, 32, act_bits=16)
+    assert calls == [torch.float32] and out.dtype == dtype
+    assert torch.equal(out, F.linear(x.float(), dequantize_weight(qw)).to(dtype))
 
 
 W4A16_CASES = [(33, 64, 32), (48, 96, None), (100, 1024, 64), (7, 128, 128), (130, 576, 32)]
@@ -281,7 +314,8 @@ def test_builds_for_narrower_vector_units_are_bit_identical_too(monkeypatch, cap
         _aten_path(monkeypatch, lambda: _zo_steps(aten, qw.scale, bits))
         assert torch.equal(fused, aten), (bits, n, k, group_size)
     for case in DEQUANT_CASES:
-        _check_dequant(*case)
+        for dtype in (torch.bfloat16, torch.float32):
+            _check_dequant(*case, dtype)
     for dtype in (torch.float32, torch.float16):  # the W4A16 kernel's fp32 FMAs, at this width
         for m, n, k, group_size in [(1, 33, 64, 32), (9, 48, 96, None), (5, 130, 576, 64)]:
             x, qw, b = _w4a16_case(m, n, k, group_size, dtype)

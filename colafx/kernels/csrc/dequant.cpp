@@ -1,6 +1,7 @@
-// int4 weight -> bf16 weight on the CPU, for W4A16 GEMMs with many tokens (colafx/kernels/qmatmul.py):
-// w[n, k] = bf16((nibble - 8) · scale[n, k / group_len]), the fp32 product rounded to nearest even,
-// as dequantize_ref(q, scale).to(torch.bfloat16). One pass, no fp32 temporary of [N, K].
+// int4 weight -> bf16 or fp32 weight on the CPU, for W4A16 GEMMs with many tokens
+// (colafx/kernels/qmatmul.py): w[n, k] = (nibble - 8) · scale[n, k / group_len] in fp32, as
+// dequantize_ref(q, scale), or that product rounded to bf16 (nearest even), as
+// dequantize_ref(q, scale).to(torch.bfloat16). One pass from the packed nibbles.
 #include "ops.h"
 
 #include <ATen/Parallel.h>
@@ -35,9 +36,59 @@ inline __m256i bf16_bits(__m256 v) {
 }
 #endif
 
+// Columns 2c and 2c + 1 of one group of a row, from W bytes: the fp32 products (nibble - 8) · s of
+// the low nibbles (lo) and of the high ones (hi), stored as bf16 pairs or interleaved fp32.
+template <bool BF16>
+void dequant_group(const uint8_t* in, float s, int64_t bytes, void* out) {
+  int64_t c = 0;  // byte c holds columns 2c (low nibble) and 2c + 1, each stored as value + 8
+  auto* o16 = static_cast<uint16_t*>(out);
+  auto* o32 = static_cast<float*>(out);
+#if defined(__AVX512F__)
+  const __m512 vs = _mm512_set1_ps(s);
+  const __m512i first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
+  for (; c + 16 <= bytes; c += 16) {
+    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in + c)));
+    const __m512 lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(b, _mm512_set1_epi32(0xF)), _mm512_set1_epi32(8))), vs);
+    const __m512 hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(b, 4), _mm512_set1_epi32(8))), vs);
+    if constexpr (BF16) {  // little endian: column 2c in the low half of each 32-bit word
+      _mm512_storeu_si512(o16 + 2 * c, _mm512_or_si512(bf16_bits(lo), _mm512_slli_epi32(bf16_bits(hi), 16)));
+    } else {
+      _mm512_storeu_ps(o32 + 2 * c, _mm512_permutex2var_ps(lo, first, hi));
+      _mm512_storeu_ps(o32 + 2 * c + 16, _mm512_permutex2var_ps(lo, second, hi));
+    }
+  }
+#elif defined(__AVX2__)
+  const __m256 vs = _mm256_set1_ps(s);
+  for (; c + 8 <= bytes; c += 8) {
+    const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(in + c)));
+    const __m256 lo = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(b, _mm256_set1_epi32(0xF)), _mm256_set1_epi32(8))), vs);
+    const __m256 hi = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(b, 4), _mm256_set1_epi32(8))), vs);
+    if constexpr (BF16) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o16 + 2 * c), _mm256_or_si256(bf16_bits(lo), _mm256_slli_epi32(bf16_bits(hi), 16)));
+    } else {  // unpack pairs within 128-bit halves, then put the halves in order
+      const __m256 a = _mm256_unpacklo_ps(lo, hi), d = _mm256_unpackhi_ps(lo, hi);
+      _mm256_storeu_ps(o32 + 2 * c, _mm256_permute2f128_ps(a, d, 0x20));
+      _mm256_storeu_ps(o32 + 2 * c + 8, _mm256_permute2f128_ps(a, d, 0x31));
+    }
+  }
+#endif
+  for (; c < bytes; ++c) {
+    const float lo = static_cast<float>(static_cast<int32_t>(in[c] & 0xF) - 8) * s;
+    const float hi = static_cast<float>(static_cast<int32_t>(in[c] >> 4) - 8) * s;
+    if constexpr (BF16) {
+      o16[2 * c] = bf16_bits(lo);
+      o16[2 * c + 1] = bf16_bits(hi);
+    } else {
+      o32[2 * c] = lo;
+      o32[2 * c + 1] = hi;
+    }
+  }
+}
+
 }  // namespace
 
-at::Tensor dequant_int4_bf16(const at::Tensor& packed, const at::Tensor& scales) {
+at::Tensor dequant_int4(const at::Tensor& packed, const at::Tensor& scales, bool to_bf16) {
   TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte && packed.is_contiguous(),
               "packed must be uint8 [N, K / 2] contiguous");
   const int64_t n = packed.size(0), k = packed.size(1) * 2;
@@ -46,38 +97,20 @@ at::Tensor dequant_int4_bf16(const at::Tensor& packed, const at::Tensor& scales)
   const int64_t groups = scales.size(1);
   TORCH_CHECK(groups > 0 && k % groups == 0 && (k / groups) % 2 == 0, "groups must split K into even lengths");
   const int64_t group_len = k / groups;
-  auto out = at::empty({n, k}, packed.options().dtype(at::kBFloat16));
+  auto out = at::empty({n, k}, packed.options().dtype(to_bf16 ? at::kBFloat16 : at::kFloat));
   const uint8_t* src = packed.data_ptr<uint8_t>();
   const float* sp = scales.data_ptr<float>();
-  auto* dst = static_cast<uint16_t*>(out.data_ptr());
+  char* dst = static_cast<char*>(out.data_ptr());
+  const int64_t item = to_bf16 ? 2 : 4;
   at::parallel_for(0, n, std::max<int64_t>(1, 65536 / std::max<int64_t>(k, 1)), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i)
       for (int64_t g = 0; g < groups; ++g) {
-        const float s = sp[i * groups + g];
         const uint8_t* in = src + i * (k / 2) + g * (group_len / 2);
-        uint16_t* o = dst + i * k + g * group_len;
-        int64_t c = 0;  // byte c holds columns 2c (low nibble) and 2c + 1, each stored as value + 8
-#if defined(__AVX512F__)
-        const __m512 vs = _mm512_set1_ps(s);
-        for (; c + 16 <= group_len / 2; c += 16) {
-          const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in + c)));
-          const __m512i lo = bf16_bits(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(b, _mm512_set1_epi32(0xF)), _mm512_set1_epi32(8))), vs));
-          const __m512i hi = bf16_bits(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(b, 4), _mm512_set1_epi32(8))), vs));
-          _mm512_storeu_si512(o + 2 * c, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));  // little endian: 2c first
-        }
-#elif defined(__AVX2__)
-        const __m256 vs = _mm256_set1_ps(s);
-        for (; c + 8 <= group_len / 2; c += 8) {
-          const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(in + c)));
-          const __m256i lo = bf16_bits(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(b, _mm256_set1_epi32(0xF)), _mm256_set1_epi32(8))), vs));
-          const __m256i hi = bf16_bits(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(b, 4), _mm256_set1_epi32(8))), vs));
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 2 * c), _mm256_or_si256(lo, _mm256_slli_epi32(hi, 16)));
-        }
-#endif
-        for (; c < group_len / 2; ++c) {
-          o[2 * c] = bf16_bits(static_cast<float>(static_cast<int32_t>(in[c] & 0xF) - 8) * s);
-          o[2 * c + 1] = bf16_bits(static_cast<float>(static_cast<int32_t>(in[c] >> 4) - 8) * s);
-        }
+        void* o = dst + (i * k + g * group_len) * item;
+        if (to_bf16)
+          dequant_group<true>(in, sp[i * groups + g], group_len / 2, o);
+        else
+          dequant_group<false>(in, sp[i * groups + g], group_len / 2, o);
       }
   });
   return out;

@@ -233,6 +233,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
 #endif
   module.def("w8a8_int_mm", &w8a8_int_mm, "fused per-token W8A8 linear through torch._int_mm");
   module.def("zo_int_rows", &zo_int_rows, "QuZO's integer perturbation / update on weight rows, in place");
-  module.def("dequant_int4_bf16", &dequant_int4_bf16, "bf16 weight from a packed int4 one");
+  module.def("dequant_int4", &dequant_int4, "bf16 or fp32 weight from a packed int4 one");
   module.def("w4a16_linear", &w4a16_linear, "W4A16 linear for few tokens, int4 weight dequantized in registers");
 }
