@@ -54,9 +54,10 @@ static weight is not unpacked per call). Per-group W·A8: one fp32 GEMM of the i
 dequantized weight (fp32 instead of int32 accumulation; no loop over groups). W4A16 (fp32 / bf16 /
 fp16 x, group length a multiple of 32) below 32 tokens: a C++ kernel (:mod:`.cpu_ext`) that reads
 the int4 weight once and dequantizes it in registers (bf16 dot products on AVX512-BF16 CPUs;
-elsewhere fp32 FMAs, and bf16 x beyond 4 tokens goes to ATen's kernel). From 32 tokens, bf16 x on
-CPUs with AVX512-BF16 / AMX: the weight dequantized to bf16 in one C++ pass and oneDNN's bf16
-GEMM; other bf16 x: ATen's ``_weight_int4pack_mm_for_cpu`` (needs N % 16 == 0 and a group length
+elsewhere fp32 FMAs; on AVX-512 CPUs without AVX512-BF16, bf16 x beyond 4 tokens goes to ATen's
+kernel). From 32 tokens: the weight dequantized in one C++ pass, to bf16 for oneDNN's bf16 GEMM
+(bf16 x on CPUs with AVX512-BF16 / AMX), else to fp32 for the fp32 GEMM. ATen's
+``_weight_int4pack_mm_for_cpu`` runs what is left of bf16 x (needs N % 16 == 0 and a group length
 divisible by 32, 64, 128 or 256; its repacked weight is kept, and repacked per call once the
 weight changes in place). bench/cpu_qmatmul.py on a Zen 5: 1.3-3.4x fp32 at 1-16 tokens, 1.8-2.3x
 at 128-512. Other W·A16 (and fp16 x from 32 tokens, in fp32: ATen's fp16 int4 path is a slow
@@ -710,7 +711,8 @@ def _w4a16_few_tokens(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Ten
     """W4A16 (+ bias) of ``x`` [..., K] with fewer than 32 tokens through
     :func:`.cpu_ext.w4a16_linear` (the int4 weight read once, dequantized in registers); None where
     it does not apply: a group length that is not a multiple of 32, no C++ ops, or bf16 x with more
-    than 4 tokens on a CPU without bf16 dot products (ATen's int4 kernel is faster there)."""
+    than 4 tokens on an AVX-512 CPU without bf16 dot products (ATen's AVX-512 int4 kernel is faster
+    there; its AVX2 form is slower than this kernel at 2-31 tokens)."""
     k = x.shape[-1]
     if not k or (k // w_scale.shape[1]) % 32 or x.dtype not in _W4A16_DTYPES:
         return None
@@ -718,7 +720,7 @@ def _w4a16_few_tokens(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Ten
     if tokens >= _W4A16_BF16_TOKENS:
         return None
     bf16_dot = _has_bf16_dot_instructions()
-    if tokens > 4 and x.dtype == torch.bfloat16 and not bf16_dot:
+    if tokens > 4 and x.dtype == torch.bfloat16 and not bf16_dot and torch.backends.cpu.get_cpu_capability() == "AVX512":
         return None
     return cpu_ext.w4a16_linear(x, qweight, w_scale, bias, bf16_dot)
 

@@ -223,19 +223,24 @@ def test_w4a16_few_token_kernel_matches_the_fp64_product(monkeypatch, dtype, m, 
     """Decode-sized W4A16 runs the C++ kernel (counted) for fp32 / bf16 / fp16 x, odd N, per channel
     and groups of 32..128, token counts that leave partial register blocks: its output is the fp64
     product of x and the dequantized weight up to the fp32 sum and one rounding to x's dtype."""
-    if dtype == torch.bfloat16 and m > 4 and not qmatmul._has_bf16_dot_instructions():
-        pytest.skip("bf16 x beyond 4 tokens runs ATen's int4 kernel on CPUs without bf16 dot products")
+    if (dtype == torch.bfloat16 and m > 4 and not qmatmul._has_bf16_dot_instructions()
+            and torch.backends.cpu.get_cpu_capability() == "AVX512"):
+        pytest.skip("bf16 x beyond 4 tokens runs ATen's int4 kernel on AVX-512 CPUs without bf16 dot products")
     _check_w4a16_kernel(monkeypatch, dtype, m, n, k, group_size, bias)
 
 
 @needs_compiler
-@pytest.mark.parametrize("m", [1, 4])
+@pytest.mark.parametrize("capability, m", [("AVX512", 1), ("AVX512", 4), ("AVX2", 1), ("AVX2", 9), ("AVX2", 31)])
 @pytest.mark.parametrize("n, k, group_size", W4A16_CASES[:3])
-def test_w4a16_few_token_kernel_without_bf16_dot_products_widens_bf16_x_to_fp32(monkeypatch, m, n, k, group_size):
-    """The path of CPUs without AVX512-BF16 (forced here): bf16 x up to 4 tokens, fp32 FMAs on the
+def test_w4a16_few_token_kernel_without_bf16_dot_products_widens_bf16_x_to_fp32(monkeypatch, capability, m, n, k,
+                                                                                group_size):
+    """The path of CPUs without AVX512-BF16 (forced here): bf16 x up to 4 tokens on AVX-512 CPUs
+    and below 32 on AVX2 ones (faster than ATen's AVX2 int4 kernel there), fp32 FMAs on the
     unrounded weight."""
     has_bf16_dot = qmatmul._has_bf16_dot_instructions()
+    assert cpu_ext.extension() is not None  # built for this CPU before the capability is patched
     monkeypatch.setattr(qmatmul, "_has_bf16_dot_instructions", lambda: False)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     out, x, qw, b = _check_w4a16_kernel(monkeypatch, torch.bfloat16, m, n, k, group_size, True)
     if has_bf16_dot:  # a different path here: other roundings
         assert not torch.equal(out, cpu_ext.w4a16_linear(x, qw.qweight, qw.scale, b, True))

@@ -433,10 +433,11 @@ def test_bf16_dot_products_are_used_only_where_torch_runs_avx512(monkeypatch, ca
 @pytest.mark.parametrize("k, group_size", [(96, 32), (192, 64), (96, None)])
 def test_w4a16_bf16_without_bf16_dot_products_runs_atens_int4_kernel_and_follows_in_place_updates(
         monkeypatch, k, group_size):
-    """As on an AVX2 CPU (no bf16 dot products), bf16 x with 5 tokens, N a multiple of 16 and a
-    group length with a divisor in 32..256: ATen's int4 kernel runs (its repacked weight is kept);
+    """As on an AVX-512 CPU without bf16 dot products, bf16 x with 5 tokens, N a multiple of 16 and
+    a group length with a divisor in 32..256: ATen's int4 kernel runs (its repacked weight is kept);
     after an in-place change of the weight it is repacked per call."""
     monkeypatch.setattr(qmatmul, "_has_bf16_dot_instructions", lambda: False)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     gen = torch.Generator().manual_seed(k)
     x = torch.randn(5, k, generator=gen).bfloat16()
     qw = quantize_weight(torch.randn(48, k, generator=gen) / k**0.5, 4, group_size, qmax=ZO_QMAX[4])
