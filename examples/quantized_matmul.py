@@ -4,7 +4,8 @@
 
 Shows the ``colafx.kernels`` ops: ``quantize_weight`` (per channel or per group, nearest or
 stochastic rounding), ``int8_linear`` (W8A8: x is quantized per token inside the op, int8 GEMM with
-int32 accumulation) and ``int4_linear`` (packed int4 weights, W4A8 / W4A16), their error (SQNR dB)
+int32 accumulation) and ``int4_linear`` (packed int4 weights, W4A8 / W4A16; symmetric, or asymmetric
+with a zero point per group: onnxruntime's int4 grid), their error (SQNR dB)
 against the fp32 product, and their CPU speed next to ``F.linear``. On a GPU the same calls run
 the Triton kernels.
 """
@@ -43,6 +44,7 @@ w = torch.randn(512, 512, generator=gen) / 512**0.5
 x = torch.randn(64, 512, generator=gen)
 q8 = quantize_weight(w, bits=8)                       # qweight int8 [512, 512], scale fp32 [512, 1]
 q4 = quantize_weight(w, bits=4, group_size=32)        # qweight uint8 [512, 256], scale [512, 16]
+qa = quantize_weight(w, bits=4, group_size=32, symmetric=False)  # + zero int8 [512, 16]: w = (q - zero)·scale
 print(f"int8 weight {tuple(q8.qweight.shape)} {q8.qweight.dtype}, int4 weight {tuple(q4.qweight.shape)} "
       f"{q4.qweight.dtype} ({w.numel() * 4 // q4.qweight.numel()}x smaller than fp32 before scales)")
 
@@ -56,8 +58,9 @@ ref = F.linear(x, w)
 for name, out in (("W8A8", int8_linear(x, q8.qweight, q8.scale)),
                   ("W8A16", int8_linear(x, q8.qweight, q8.scale, act_bits=16)),
                   ("W4A8", int4_linear(x, q4.qweight, q4.scale, group_size=32)),
-                  ("W4A16", int4_linear(x, q4.qweight, q4.scale, group_size=32, act_bits=16))):
-    print(f"{name:6s} SQNR vs fp32: {sqnr_db(ref, out):5.1f} dB")
+                  ("W4A16", int4_linear(x, q4.qweight, q4.scale, group_size=32, act_bits=16)),
+                  ("W4A16 asymmetric", int4_linear(x, qa.qweight, qa.scale, group_size=32, act_bits=16, w_zero=qa.zero))):
+    print(f"{name:16s} SQNR vs fp32: {sqnr_db(ref, out):5.1f} dB")
 
 # 4. CPU speed of W8A8 next to fp32 F.linear (see bench/cpu_qmatmul.py for the full, interleaved sweep).
 print(f"\nCPU int8 GEMM backend: {cpu_int8_backend()}, {args.threads} thread(s)")

@@ -10,10 +10,10 @@ perturbation / update.
   ``_int_mm``'s int32 result: no fp32 temporary). Source: ``csrc/w8a8.cpp``.
 * ``zo_int_rows(...)``: :mod:`.zo`'s integer perturbation / update of a block of weight rows in
   one pass from the raw 16-bit noise, bit-identical to its ATen path. Source: ``csrc/zo.cpp``.
-* ``dequant_int4(qweight, w_scale, dtype)``: a packed int4 weight as bf16 or fp32 in one pass, for
+* ``dequant_int4(qweight, w_scale, dtype, w_zero)``: a packed int4 weight (zero points optional) as bf16 or fp32 in one pass, for
   W4A16 with many tokens (a bf16 or fp32 GEMM on it beats ATen's int4 kernel there). Source:
   ``csrc/dequant.cpp``.
-* ``w4a16_linear(x, qweight, w_scale, bias)``: W4A16 for few tokens (decode), the int4 weight
+* ``w4a16_linear(x, qweight, w_scale, bias, bf16_dot, w_zero)``: W4A16 for few tokens (decode), the int4 weight
   read once and dequantized in registers: bf16 dot products (``vdpbf16ps``) on AVX512-BF16 CPUs,
   fp32 FMAs otherwise. Source: ``csrc/w4a16.cpp``.
 
@@ -131,27 +131,31 @@ def zo_int_rows(block: torch.Tensor, scales: torch.Tensor, normal_bits: torch.Te
     return True
 
 
-def dequant_int4(qweight: torch.Tensor, w_scale: torch.Tensor, dtype: torch.dtype = torch.bfloat16
-                 ) -> Optional[torch.Tensor]:
-    """The [N, K] weight of a packed int4 ``qweight`` (uint8 [N, K / 2]) with fp32 scales [N, G],
-    in ``dtype`` bf16 or fp32 (``dequantize_ref(q, s).to(dtype)``, bit for bit); None when
-    unavailable. Raises ValueError for another dtype."""
+def dequant_int4(qweight: torch.Tensor, w_scale: torch.Tensor, dtype: torch.dtype = torch.bfloat16,
+                 w_zero: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    """The [N, K] weight of a packed int4 ``qweight`` (uint8 [N, K / 2]) with fp32 scales [N, G]
+    and int8 zero points [N, G] (or None), in ``dtype`` bf16 or fp32 (``dequantize_ref(q, s,
+    zero).to(dtype)``, bit for bit); None when unavailable. Raises ValueError for another dtype."""
     if dtype not in (torch.bfloat16, torch.float32):
         raise ValueError(f"dequant_int4 makes bf16 or fp32 weights, not {dtype}")
     ext = extension()
     return None if ext is None else ext.dequant_int4(qweight.contiguous(), w_scale.float().contiguous(),
-                                                     dtype == torch.bfloat16)
+                                                     _zeros(w_zero), dtype == torch.bfloat16)
+
+
+def _zeros(w_zero: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if w_zero is None else w_zero.contiguous()
 
 
 def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor],
-                 bf16_dot: bool = True) -> Optional[torch.Tensor]:
+                 bf16_dot: bool = True, w_zero: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     """W4A16 ``x · dequant(qweight)ᵀ (+ bias)`` in x's dtype (fp32 / bf16 / fp16, [..., K]) for few
     tokens: the int4 weight read once and dequantized in registers, the products summed in fp32.
     bf16 x with ``bf16_dot`` on an AVX512-BF16 CPU: bf16 dot products of x with the weight rounded
-    to bf16; otherwise fp32 FMAs. The group length must be a multiple of 32. None when the ops are
-    unavailable."""
+    to bf16; otherwise fp32 FMAs. ``w_zero``: int8 zero points [N, G] (``w = (q - zero)·s``) or None.
+    The group length must be a multiple of 32. None when the ops are unavailable."""
     ext = extension()
     if ext is None:
         return None
-    return ext.w4a16_linear(x.contiguous(), qweight.contiguous(), w_scale.contiguous(),
+    return ext.w4a16_linear(x.contiguous(), qweight.contiguous(), w_scale.contiguous(), _zeros(w_zero),
                             None if bias is None else bias.float().contiguous(), bf16_dot)

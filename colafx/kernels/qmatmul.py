@@ -127,7 +127,7 @@ _resolved_backend: Optional[str] = None
 # --------------------------------------------------------------------------------------------
 
 
-def _check_linear_inputs(x, qweight, w_scale, bias, act_bits, bits):
+def _check_linear_inputs(x, qweight, w_scale, bias, act_bits, bits, w_zero=None):
     """Validate a quantized-linear call; return (K, number of groups). Raises TypeError/ValueError."""
     check_float(x, "x")
     want = torch.int8 if bits == 8 else torch.uint8
@@ -150,7 +150,12 @@ def _check_linear_inputs(x, qweight, w_scale, bias, act_bits, bits):
             raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
     if act_bits not in (8, 16):
         raise ValueError(f"act_bits must be 8 or 16, got {act_bits!r}")
-    for name, t in (("qweight", qweight), ("w_scale", w_scale), ("bias", bias)):
+    if w_zero is not None:
+        if not isinstance(w_zero, torch.Tensor) or w_zero.dtype != torch.int8:
+            raise TypeError("w_zero must be an int8 tensor (zero points in [-8, 7])")
+        if w_zero.shape != w_scale.shape:
+            raise ValueError(f"w_zero must have w_scale's shape {tuple(w_scale.shape)}, got {tuple(w_zero.shape)}")
+    for name, t in (("qweight", qweight), ("w_scale", w_scale), ("bias", bias), ("w_zero", w_zero)):
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} is on {t.device}, x on {x.device}")
     return k, w_scale.shape[1]
@@ -161,10 +166,11 @@ def _check_linear_inputs(x, qweight, w_scale, bias, act_bits, bits):
 # --------------------------------------------------------------------------------------------
 
 
-def qlinear_ref(x, qweight, w_scale, bias=None, act_bits=8, bits=8, act_qmax=127):
+def qlinear_ref(x, qweight, w_scale, bias=None, act_bits=8, bits=8, act_qmax=127, w_zero=None):
     """Pure-PyTorch reference of the quantized linear (fp64 accumulation of the exact products).
 
-    ``qweight`` is int8 [N, K] (bits 8) or packed uint8 [N, K // 2] (bits 4). Activations are
+    ``qweight`` is int8 [N, K] (bits 8) or packed uint8 [N, K // 2] (bits 4), ``w_zero`` the int4
+    weight's zero points (``w = (q - zero)·scale``) or None. Activations are
     quantized per token with :func:`quantize_ref` semantics when ``act_bits=8``, to codes in
     ``[-act_qmax, act_qmax]`` (63: the CPU's 7-bit backends, see :func:`cpu_act_qmax`). Returns
     x's dtype.
@@ -177,7 +183,10 @@ def qlinear_ref(x, qweight, w_scale, bias=None, act_bits=8, bits=8, act_qmax=127
         xs = qx.double() * sx.double()
     else:
         xs = x2.double()
-    w = (q.double().reshape(q.shape[0], groups, -1) * w_scale.double()[..., None]).reshape(q.shape)
+    codes = q.double().reshape(q.shape[0], groups, -1)
+    if w_zero is not None:
+        codes = codes - w_zero.double()[..., None]
+    w = (codes * w_scale.double()[..., None]).reshape(q.shape)
     out = xs @ w.t()
     if bias is not None:
         out = out + bias.double()
@@ -210,9 +219,9 @@ def _weight_tile(w_ptr, offs_n, k0, N, K, stride_wn, W_INT4: tl.constexpr, BLOCK
 
 @triton.jit
 def _qlinear_kernel(
-    x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr,
+    x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, b_ptr, out_ptr,
     M, N, K, GROUPS, GROUP_LEN, M_BUCKET, stride_xm, stride_wn, stride_om,
-    ACT_INT8: tl.constexpr, W_INT4: tl.constexpr, PER_GROUP: tl.constexpr,
+    ACT_INT8: tl.constexpr, W_INT4: tl.constexpr, PER_GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
     HAS_BIAS: tl.constexpr, DOT_MODE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -230,6 +239,9 @@ def _qlinear_kernel(
         x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :],
                     mask=m_ok[:, None] & (offs_k[None, :] < K), other=0)
         w = _weight_tile(w_ptr, offs_n, k0, N, K, stride_wn, W_INT4, BLOCK_N, BLOCK_K)
+        if HAS_ZERO:  # codes minus their group's zero point: in [-15, 15], still int8
+            w = w - tl.load(wz_ptr + offs_n[:, None] * GROUPS + offs_k[None, :] // GROUP_LEN,
+                            mask=n_ok[:, None] & (offs_k[None, :] < K), other=0)
         if ACT_INT8:
             part = tl.dot(x, tl.trans(w), out_dtype=tl.int32)
             if PER_GROUP:  # BLOCK_K divides GROUP_LEN: the whole tile lies in group k0 // GROUP_LEN
@@ -289,7 +301,7 @@ def _prune_configs(configs, named_args, **kwargs):
 
 _qlinear_autotuned = triton.autotune(
     _h100_configs(),
-    key=["M_BUCKET", "N", "K", "GROUP_LEN", "ACT_INT8", "W_INT4", "PER_GROUP"],
+    key=["M_BUCKET", "N", "K", "GROUP_LEN", "ACT_INT8", "W_INT4", "PER_GROUP", "HAS_ZERO"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )(_qlinear_kernel)
 
@@ -313,13 +325,13 @@ def _triton_supported(per_group_a8: bool, group_len: int) -> bool:
     return any(group_len % c.kwargs["BLOCK_K"] == 0 for c in _h100_configs())
 
 
-def qlinear_triton(x, qweight, w_scale, bias=None, act_bits=8, bits=8):
+def qlinear_triton(x, qweight, w_scale, bias=None, act_bits=8, bits=8, w_zero=None):
     """Launch the Triton quantized-linear kernel; same arguments / result as :func:`qlinear_ref`.
 
     CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``. Raises ValueError if the group
     length admits no K-tile for per-group W·A8 (see module docstring).
     """
-    k, groups = _check_linear_inputs(x, qweight, w_scale, bias, act_bits, bits)
+    k, groups = _check_linear_inputs(x, qweight, w_scale, bias, act_bits, bits, w_zero)
     n, group_len = qweight.shape[0], k // groups
     per_group, act_int8 = groups > 1, act_bits == 8
     if not _triton_supported(per_group and act_int8, group_len):
@@ -336,9 +348,10 @@ def qlinear_triton(x, qweight, w_scale, bias=None, act_bits=8, bits=8):
         xq, xs = x2, x2  # xs unused
     w, ws = qweight.contiguous(), w_scale.contiguous()
     b = bias.contiguous() if bias is not None else ws
-    args = (xq, xs, w, ws, b, out, m, n, k, groups, group_len,
+    wz = w_zero.contiguous() if w_zero is not None else ws
+    args = (xq, xs, w, ws, wz, b, out, m, n, k, groups, group_len,
             min(triton.next_power_of_2(m), 4096), xq.stride(0), w.stride(0), out.stride(0))
-    flags = dict(ACT_INT8=act_int8, W_INT4=bits == 4, PER_GROUP=per_group,
+    flags = dict(ACT_INT8=act_int8, W_INT4=bits == 4, PER_GROUP=per_group, HAS_ZERO=w_zero is not None,
                  HAS_BIAS=bias is not None, DOT_MODE=dot_mode(x))
     if interpreting() or not x.is_cuda:
         blocks = {"BLOCK_M": 32, "BLOCK_N": 64,
@@ -658,7 +671,8 @@ def _aten_int4_group(n: int, group_len: int) -> Optional[int]:
     return next((g for g in _INT4_GROUPS if group_len % g == 0), None)
 
 
-def _aten_int4_linear(x2: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor) -> Optional[torch.Tensor]:
+def _aten_int4_linear(x2: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
+                      w_zero: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     """W4A16 for bf16 ``x2`` [M, K] through ``aten._weight_int4pack_mm_for_cpu``; None where it
     does not apply (its fp16 path is a slow reference: 24x fp32 at 64 tokens). The repacked weight
     (same size as ours) is kept per ``qweight`` by :func:`_cached_pack`; a weight changed in place
@@ -672,8 +686,10 @@ def _aten_int4_linear(x2: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Te
     def pack():
         nibbles = torch.stack(((qweight & 0xF), (qweight >> 4)), dim=-1).reshape(n, k).to(torch.int32)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(nibbles, 2)
-        scales = w_scale.repeat_interleave(group_len // g, dim=1).t()  # [K / g, N]; zero 0: w = (u - 8)·s
-        return packed, torch.stack((scales, torch.zeros_like(scales)), -1).to(x2.dtype).contiguous()
+        # ATen's w = (u - 8)·s + zero, ours (u - 8 - z)·s: zero = -z·s
+        zeros = torch.zeros_like(w_scale) if w_zero is None else -w_zero.float() * w_scale
+        scales, zeros = (t.repeat_interleave(group_len // g, dim=1).t() for t in (w_scale, zeros))  # [K / g, N]
+        return packed, torch.stack((scales, zeros), -1).to(x2.dtype).contiguous()
 
     hit = _current_pack(_INT4PACKED, qweight)  # the cheap check first: the hot path of a kept weight
     if hit is None or hit[1].dtype != x2.dtype:
@@ -685,7 +701,8 @@ def _aten_int4_linear(x2: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Te
 _W4A16_BF16_TOKENS = 32  # below: the C++ few-token kernel; from here: dequantize + GEMM (bench/cpu_qmatmul.py)
 
 
-def _w4a16_dequant_gemm(x2: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor) -> Optional[torch.Tensor]:
+def _w4a16_dequant_gemm(x2: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
+                        w_zero: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     """W4A16 as one C++ pass that dequantizes the int4 weight (:func:`.cpu_ext.dequant_int4`, a
     temporary of one layer's weight) and a GEMM: a bf16 weight and oneDNN's bf16 GEMM for bf16 x on
     CPUs with bf16 dot products (AVX512-BF16 / AMX), else an fp32 weight and the fp32 GEMM (x
@@ -697,7 +714,7 @@ def _w4a16_dequant_gemm(x2: torch.Tensor, qweight: torch.Tensor, w_scale: torch.
     if (qweight.shape[1] * 2 // w_scale.shape[1]) % 2:  # a group of odd length splits a byte
         return None
     bf16 = x2.dtype == torch.bfloat16 and _has_bf16_dot_instructions()
-    w = cpu_ext.dequant_int4(qweight, w_scale, torch.bfloat16 if bf16 else torch.float32)
+    w = cpu_ext.dequant_int4(qweight, w_scale, torch.bfloat16 if bf16 else torch.float32, w_zero)
     if w is None:
         return None
     return F.linear(x2, w) if bf16 else F.linear(x2.float(), w).to(x2.dtype)
@@ -707,7 +724,7 @@ _W4A16_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the few-t
 
 
 def _w4a16_few_tokens(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
-                      bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+                      bias: Optional[torch.Tensor], w_zero: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     """W4A16 (+ bias) of ``x`` [..., K] with fewer than 32 tokens through
     :func:`.cpu_ext.w4a16_linear` (the int4 weight read once, dequantized in registers); None where
     it does not apply: a group length that is not a multiple of 32, no C++ ops, or bf16 x with more
@@ -722,7 +739,7 @@ def _w4a16_few_tokens(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Ten
     bf16_dot = _has_bf16_dot_instructions()
     if tokens > 4 and x.dtype == torch.bfloat16 and not bf16_dot and torch.backends.cpu.get_cpu_capability() == "AVX512":
         return None
-    return cpu_ext.w4a16_linear(x, qweight, w_scale, bias, bf16_dot)
+    return cpu_ext.w4a16_linear(x, qweight, w_scale, bias, bf16_dot, w_zero)
 
 
 def _has_bf16_dot_instructions() -> bool:
@@ -734,12 +751,12 @@ def _has_bf16_dot_instructions() -> bool:
     return getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or _has_amx()
 
 
-def _qlinear_cpu(x, qweight, w_scale, bias, act_bits, bits):
+def _qlinear_cpu(x, qweight, w_scale, bias, act_bits, bits, w_zero=None):
     """CPU fast path: int8 GEMM + fp32 epilogue (W·A8); for W4A16 the C++ kernel (few tokens), a
     bf16 or fp32 GEMM on the weight dequantized in C++ (many tokens) or ATen's int4 kernel; else
     dequantize + F.linear (other W·A16)."""
     if act_bits == 16 and bits == 4:  # first: decode's hot path
-        out = _w4a16_few_tokens(x, qweight, w_scale, bias)
+        out = _w4a16_few_tokens(x, qweight, w_scale, bias, w_zero)
         if out is not None:
             return out
     n = qweight.shape[0]
@@ -749,20 +766,23 @@ def _qlinear_cpu(x, qweight, w_scale, bias, act_bits, bits):
     if act_bits == 16:
         out = None
         if bits == 4:
-            out = _w4a16_dequant_gemm(x2, qweight, w_scale)
+            out = _w4a16_dequant_gemm(x2, qweight, w_scale, w_zero)
             if out is None:
-                out = _aten_int4_linear(x2, qweight, w_scale)
+                out = _aten_int4_linear(x2, qweight, w_scale, w_zero)
         if out is None:  # fp16 in fp32: the CPU's fp16 GEMM is a slow path
             q = unpack_int4(qweight) if bits == 4 else qweight
             dtype = torch.float32 if x.dtype == torch.float16 else x.dtype
-            out = F.linear(x2.to(dtype), dequantize_ref(q, w_scale).to(dtype)).to(x.dtype)
+            out = F.linear(x2.to(dtype), dequantize_ref(q, w_scale, w_zero).to(dtype)).to(x.dtype)
         if bias is not None:
             out = out + bias.to(x.dtype)
         return out.reshape(*x.shape[:-1], n)
     name = cpu_int8_backend()
 
-    def codes():
-        return (unpack_int4(qweight) if bits == 4 else qweight).contiguous()
+    def codes():  # int8 [N, K]; an int4 weight's zero points (per channel here) taken off: [-15, 15]
+        if bits == 8:
+            return qweight.contiguous()
+        q = unpack_int4(qweight)
+        return q if w_zero is None else q.sub_(w_zero)
 
     shape = torch.Size((n, k))
     qmax = A7_QMAX if name in _A7 else QMAX[8]
@@ -789,7 +809,7 @@ def _qlinear_cpu(x, qweight, w_scale, bias, act_bits, bits):
         acc = torch.zeros(qx.shape[0], n)
     else:  # Σ_g sw[n, g]·(qx_g · q_gᵀ) = qx · dequant(W)ᵀ: one fp32 GEMM on the codes, no loop over groups
         q = unpack_int4(qweight) if bits == 4 else qweight
-        acc = F.linear(qx.float(), dequantize_ref(q, w_scale))
+        acc = F.linear(qx.float(), dequantize_ref(q, w_scale, w_zero))
     return _epilogue(acc.mul_(sx), x, bias, n)
 
 
@@ -812,25 +832,25 @@ def _eager_cpu(x: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
     return torch._C._len_torch_dispatch_stack() == 0  # no FakeTensor / proxy (export) mode active
 
 
-def _qlinear_impl(x, qweight, w_scale, bias, act_bits, bits):
+def _qlinear_impl(x, qweight, w_scale, bias, act_bits, bits, w_zero=None):
     """Shared op body: Triton on CUDA (or forced), CPU fast path otherwise."""
     if use_triton(x):
         groups = w_scale.shape[1]
         group_len = x.shape[-1] // groups
         if _triton_supported(groups > 1 and act_bits == 8, group_len):
-            return qlinear_triton(x, qweight, w_scale, bias, act_bits, bits)
-        return qlinear_ref(x, qweight, w_scale, bias, act_bits, bits)
-    return _qlinear_cpu(x, qweight, w_scale, bias, act_bits, bits)
+            return qlinear_triton(x, qweight, w_scale, bias, act_bits, bits, w_zero)
+        return qlinear_ref(x, qweight, w_scale, bias, act_bits, bits, w_zero=w_zero)
+    return _qlinear_cpu(x, qweight, w_scale, bias, act_bits, bits, w_zero)
 
 
 def _fake(x, qweight, w_scale, bias, *rest):
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
 
-def _dequantized_weight(qweight, w_scale, bits, dtype):
+def _dequantized_weight(qweight, w_scale, bits, dtype, w_zero=None):
     """Float [N, K] weight in ``dtype`` (for the straight-through backward)."""
     q = unpack_int4(qweight) if bits == 4 else qweight
-    return dequantize_ref(q, w_scale).to(dtype)
+    return dequantize_ref(q, w_scale, w_zero).to(dtype)
 
 
 def _make_backward(bits, n_extra):
@@ -838,14 +858,15 @@ def _make_backward(bits, n_extra):
 
     def setup_context(ctx, inputs, output):
         x, qweight, w_scale, bias = inputs[:4]
-        ctx.save_for_backward(qweight, w_scale)
+        w_zero = inputs[6] if bits == 4 else None
+        ctx.save_for_backward(qweight, w_scale, w_zero)
         ctx.x_dtype = x.dtype
 
     def backward(ctx, grad):
-        qweight, w_scale = ctx.saved_tensors
+        qweight, w_scale, w_zero = ctx.saved_tensors
         grad_x = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad @ _dequantized_weight(qweight, w_scale, bits, grad.dtype)
+            grad_x = grad @ _dequantized_weight(qweight, w_scale, bits, grad.dtype, w_zero)
         if ctx.needs_input_grad[3]:
             grad_b = grad.reshape(-1, grad.shape[-1]).sum(0)
         return (grad_x, None, None, grad_b) + (None,) * n_extra
@@ -866,14 +887,15 @@ def _int8_linear_op(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tenso
 
 @torch.library.custom_op("colafx::int4_linear", mutates_args=())
 def _int4_linear_op(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
-                    bias: Optional[torch.Tensor], group_size: Optional[int], act_bits: int) -> torch.Tensor:
-    return _qlinear_impl(x, qweight, w_scale, bias, act_bits, 4)
+                    bias: Optional[torch.Tensor], group_size: Optional[int], act_bits: int,
+                    w_zero: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return _qlinear_impl(x, qweight, w_scale, bias, act_bits, 4, w_zero)
 
 
 _int8_linear_op.register_fake(_fake)
 _int4_linear_op.register_fake(_fake)
 _bw8, _ctx8 = _make_backward(8, 1)
-_bw4, _ctx4 = _make_backward(4, 2)
+_bw4, _ctx4 = _make_backward(4, 3)
 _int8_linear_op.register_autograd(_bw8, setup_context=_ctx8)
 _int4_linear_op.register_autograd(_bw4, setup_context=_ctx4)
 
@@ -895,18 +917,22 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
 
 def int4_linear(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
                 bias: Optional[torch.Tensor] = None, group_size: Optional[int] = None,
-                act_bits: int = 8) -> torch.Tensor:
+                act_bits: int = 8, w_zero: Optional[torch.Tensor] = None) -> torch.Tensor:
     """W4A8 (``act_bits=8``) or W4A16 (``act_bits=16``) linear: ``x`` [..., K] -> [..., N].
 
     ``qweight`` packed uint8 [N, K // 2] (see :func:`colafx.kernels.quant.pack_int4`),
-    ``w_scale`` fp32 [N, 1] (``group_size=None``) or [N, K // group_size]. Output in x's dtype.
-    Differentiable wrt x (straight-through) and bias. Custom op ``colafx::int4_linear``.
+    ``w_scale`` fp32 [N, 1] (``group_size=None``) or [N, K // group_size], ``w_zero`` None
+    (symmetric) or int8 zero points shaped like ``w_scale`` (``w = (q - zero)·scale``, see
+    ``quantize_weight(symmetric=False)``). Output in x's dtype. Differentiable wrt x
+    (straight-through) and bias. Custom op ``colafx::int4_linear``.
     Raises TypeError for wrong dtypes, ValueError for shape mismatches, a ``group_size`` that
     disagrees with ``w_scale``, or act_bits not in {8, 16}.
     """
-    k, groups = _check_linear_inputs(x, qweight, w_scale, bias, act_bits, 4)
+    k, groups = _check_linear_inputs(x, qweight, w_scale, bias, act_bits, 4, w_zero)
     if k // check_group_size(k, group_size) != groups:
         raise ValueError(f"group_size={group_size} does not match w_scale {tuple(w_scale.shape)} for K={k}")
     if _eager_cpu(x, bias):
-        return _qlinear_cpu(x, qweight, w_scale, bias, act_bits, 4)
-    return torch.ops.colafx.int4_linear(x, qweight, w_scale, bias, group_size, act_bits)
+        return _qlinear_cpu(x, qweight, w_scale, bias, act_bits, 4, w_zero)
+    if w_zero is None:  # the 6-input form: graphs exported before zero points keep their op
+        return torch.ops.colafx.int4_linear(x, qweight, w_scale, bias, group_size, act_bits)
+    return torch.ops.colafx.int4_linear(x, qweight, w_scale, bias, group_size, act_bits, w_zero)

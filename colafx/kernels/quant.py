@@ -21,6 +21,10 @@ Conventions shared by every kernel in :mod:`colafx.kernels`
   nibble holding the even column: ``packed[n, j] = (q[n, 2j] + 8) | (q[n, 2j + 1] + 8) << 4``.
   This is ONNX ``com.microsoft::MatMulNBits``' layout with its default zero point 8. K must be
   even (pad the weight yourself if it is not).
+* **Asymmetric int4** (``quantize_weight(..., symmetric=False)``, for inference): a group gets 16
+  levels over ``[min(w, 0), max(w, 0)]``: ``scale = (max - min) / 15``, an int8 zero point ``z`` in
+  [-8, 7] per group and ``w = (q - z)·scale`` with codes ``q`` in [-8, 7] (onnxruntime's
+  ``MatMulNBitsQuantizer`` grid: its uint4 zero point is ``z + 8``).
 """
 
 from __future__ import annotations
@@ -347,11 +351,14 @@ def row_absmax(x2d: torch.Tensor) -> torch.Tensor:
     return torch.maximum(x2d.amax(dim=-1, keepdim=True), x2d.amin(dim=-1, keepdim=True).neg_())
 
 
-def dequantize_ref(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Reference dequantization of int codes ``q`` [..., K] with ``scale`` [..., G]: fp32 [..., K]."""
+def dequantize_ref(q: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Reference dequantization of int codes ``q`` [..., K] with ``scale`` [..., G] and zero points
+    ``zero`` (int [..., G], or None for 0): ``(q - zero)·scale`` as fp32 [..., K]."""
     k, groups = q.shape[-1], scale.shape[-1]
-    rows = q.reshape(-1, groups, k // groups).float() * scale.reshape(-1, groups, 1).float()
-    return rows.reshape(q.shape)
+    codes = q.reshape(-1, groups, k // groups).float()
+    if zero is not None:
+        codes = codes - zero.reshape(-1, groups, 1).float()
+    return (codes * scale.reshape(-1, groups, 1).float()).reshape(q.shape)
 
 
 def _quantize_rows(x2d: torch.Tensor, qmax: int, rounding: str, seed: int):
@@ -409,6 +416,8 @@ class QuantizedWeight(NamedTuple):
     ``qweight``: int8 [N, K] (bits 8) or packed uint8 [N, K // 2] (bits 4, see module docstring).
     ``scale``: fp32 [N, 1] (per output channel) or [N, K // group_size] (per group).
     ``shape``: the original ``torch.Size([N, K])``.
+    ``zero``: int8 zero points shaped like ``scale`` (asymmetric int4: ``w = (q - zero)·scale``), or
+    None (symmetric).
     """
 
     qweight: torch.Tensor
@@ -416,6 +425,7 @@ class QuantizedWeight(NamedTuple):
     bits: int
     group_size: Optional[int]
     shape: torch.Size
+    zero: Optional[torch.Tensor] = None
 
 
 def _check_qmax(bits: int, qmax: Optional[int]) -> int:
@@ -449,16 +459,18 @@ def quantize_weight(
     rounding: str = "nearest",
     seed: int = 0,
     qmax: Optional[int] = None,
+    symmetric: bool = True,
 ) -> QuantizedWeight:
     """Quantize a [N, K] float weight to int8 or packed int4; return a :class:`QuantizedWeight`.
 
     Symmetric absmax per output channel (``group_size=None``) or per group of ``group_size``
     consecutive columns. ``qmax`` (default 127 / 7) lets callers reserve head-room, e.g. the ZO
-    kernels need ``qmax = QMAX - HEADROOM`` (see :mod:`colafx.kernels.zo`). Stochastic rounding is
-    unbiased, deterministic for (seed, shape, device kind).
+    kernels need ``qmax = QMAX - HEADROOM`` (see :mod:`colafx.kernels.zo`). ``symmetric=False``
+    (int4 only, no ``qmax``): 16 levels over each group's range and an int8 zero point per group
+    (module docstring). Stochastic rounding is unbiased, deterministic for (seed, shape, device kind).
     Raises TypeError if ``w`` is not a floating-point tensor; ValueError if it is not 2-D, for bad
-    ``bits`` / ``rounding`` / ``seed`` / ``qmax``, if ``group_size`` does not divide K, or if K is
-    odd for 4 bits.
+    ``bits`` / ``rounding`` / ``seed`` / ``qmax``, if ``group_size`` does not divide K, if K is
+    odd for 4 bits, or for ``symmetric=False`` with 8 bits or a ``qmax``.
     """
     check_float(w, "w")
     if w.dim() != 2:
@@ -471,10 +483,29 @@ def quantize_weight(
     g = check_group_size(k, group_size)
     if bits == 4 and k % 2:
         raise ValueError(f"4-bit weights need an even K to pack two per byte, got K={k}")
+    if not symmetric:
+        if bits != 4 or qmax != QMAX[4]:
+            raise ValueError("symmetric=False is for int4 weights with the full code range (no qmax)")
+        q, scale, zero = _quantize_asymmetric(w.reshape(-1, g), rounding, seed)
+        return QuantizedWeight(pack_int4(q.reshape(n, k)), scale.reshape(n, k // g), bits, group_size,
+                               torch.Size((n, k)), zero.reshape(n, k // g))
     q, scale = _quantize_rows(w.reshape(-1, g), qmax, rounding, seed)
     q, scale = q.reshape(n, k), scale.reshape(n, k // g)
     qweight = pack_int4(q) if bits == 4 else q
     return QuantizedWeight(qweight, scale, bits, group_size, torch.Size((n, k)))
+
+
+def _quantize_asymmetric(rows: torch.Tensor, rounding: str, seed: int):
+    """Asymmetric int4 of each row of ``rows`` [R, g]: ``(q int8 [R, g], scale fp32 [R, 1], zero
+    int8 [R, 1])`` with ``w ≈ (q - zero)·scale``, q and zero in [-8, 7]."""
+    rows = rows.float()
+    lo = rows.amin(dim=-1, keepdim=True).clamp_(max=0)
+    hi = rows.amax(dim=-1, keepdim=True).clamp_(min=0)
+    scale = (hi - lo).div_(15).clamp_min_(SCALE_FLOOR)
+    zero = (lo / scale).neg_().add_(0.5).floor_().clamp_(0, 15)  # the level of 0, in [0, 15]
+    noise = 0.5 if rounding == "nearest" else cpu_noise("uniform", seed, rows.numel()).to(rows.device).reshape(rows.shape)
+    q = (rows / scale).add_(noise).floor_().add_(zero).clamp_(0, 15).sub_(8)
+    return q.to(torch.int8), scale, zero.sub_(8).to(torch.int8)
 
 
 def dequantize_weight(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -484,7 +515,7 @@ def dequantize_weight(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -
     """
     check_bits(qw.bits)
     q = unpack_int4(qw.qweight) if qw.bits == 4 else qw.qweight
-    return dequantize_ref(q, qw.scale).to(dtype)
+    return dequantize_ref(q, qw.scale, qw.zero).to(dtype)
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:

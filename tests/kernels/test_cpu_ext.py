@@ -129,9 +129,10 @@ def test_fused_zo_integer_steps_are_bit_identical_to_the_aten_path(monkeypatch, 
 DEQUANT_CASES = [(45, 96, None), (16, 96, 32), (33, 130, 26), (1728, 576, 32)]
 
 
-def _check_dequant(n, k, group_size, dtype=torch.bfloat16):
-    qw = quantize_weight(torch.randn(n, k, generator=torch.Generator().manual_seed(k)), 4, group_size)
-    got = cpu_ext.dequant_int4(qw.qweight, qw.scale, dtype)
+def _check_dequant(n, k, group_size, dtype=torch.bfloat16, symmetric=True):
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(k)) + (0 if symmetric else 0.5)
+    qw = quantize_weight(w, 4, group_size, symmetric=symmetric)
+    got = cpu_ext.dequant_int4(qw.qweight, qw.scale, dtype, qw.zero)
     assert got.dtype == dtype and torch.equal(got, dequantize_weight(qw).to(dtype)), (n, k, dtype)
 
 
@@ -142,6 +143,13 @@ def test_int4_dequant_is_bit_identical_to_the_reference(n, k, group_size, dtype)
     """bf16 and fp32 weights; per channel, groups of 32 and of 26 (a vector tail in every group),
     many rows."""
     _check_dequant(n, k, group_size, dtype)
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("n, k, group_size", DEQUANT_CASES)
+def test_int4_dequant_with_zero_points_is_bit_identical_to_the_reference(n, k, group_size, dtype):
+    _check_dequant(n, k, group_size, dtype, symmetric=False)
 
 
 def test_int4_dequant_refuses_other_dtypes():
@@ -198,10 +206,11 @@ W4A16_CASES = [(33, 64, 32), (48, 96, None), (100, 1024, 64), (7, 128, 128), (13
 W4A16_TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}  # the sum in fp32, one rounding
 
 
-def _w4a16_case(m, n, k, group_size, dtype, seed=0):
+def _w4a16_case(m, n, k, group_size, dtype, seed=0, symmetric=True):
     gen = torch.Generator().manual_seed(seed)
     x = (torch.randn(m, k, generator=gen) * 2).to(dtype)
-    qw = quantize_weight(torch.randn(n, k, generator=gen) / k**0.5, 4, group_size)
+    w = torch.randn(n, k, generator=gen) / k**0.5 + (0 if symmetric else 0.05)
+    qw = quantize_weight(w, 4, group_size, symmetric=symmetric)
     return x, qw, torch.randn(n, generator=gen)
 
 
@@ -230,6 +239,18 @@ def test_w4a16_few_token_kernel_matches_the_fp64_product(monkeypatch, dtype, m, 
 
 
 @needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 9])
+@pytest.mark.parametrize("n, k, group_size", W4A16_CASES)
+def test_w4a16_few_token_kernel_with_zero_points_matches_the_fp64_product(monkeypatch, dtype, m, n, k, group_size):
+    """Asymmetric int4: the kernel's per-group table holds (nibble - 8 - zero)·s."""
+    if (dtype == torch.bfloat16 and m > 4 and not qmatmul._has_bf16_dot_instructions()
+            and torch.backends.cpu.get_cpu_capability() == "AVX512"):
+        pytest.skip("bf16 x beyond 4 tokens runs ATen's int4 kernel on AVX-512 CPUs without bf16 dot products")
+    _check_w4a16_kernel(monkeypatch, dtype, m, n, k, group_size, True, symmetric=False)
+
+
+@needs_compiler
 @pytest.mark.parametrize("capability, m", [("AVX512", 1), ("AVX512", 4), ("AVX2", 1), ("AVX2", 9), ("AVX2", 31)])
 @pytest.mark.parametrize("n, k, group_size", W4A16_CASES[:3])
 def test_w4a16_few_token_kernel_without_bf16_dot_products_widens_bf16_x_to_fp32(monkeypatch, capability, m, n, k,
@@ -246,13 +267,13 @@ def test_w4a16_few_token_kernel_without_bf16_dot_products_widens_bf16_x_to_fp32(
         assert not torch.equal(out, cpu_ext.w4a16_linear(x, qw.qweight, qw.scale, b, True))
 
 
-def _check_w4a16_kernel(monkeypatch, dtype, m, n, k, group_size, bias):
-    x, qw, b = _w4a16_case(m, n, k, group_size, dtype, seed=m + n)
+def _check_w4a16_kernel(monkeypatch, dtype, m, n, k, group_size, bias, symmetric=True):
+    x, qw, b = _w4a16_case(m, n, k, group_size, dtype, seed=m + n, symmetric=symmetric)
     b = b if bias else None
     calls = []
     kernel = cpu_ext.w4a16_linear
     monkeypatch.setattr(cpu_ext, "w4a16_linear", lambda *a: calls.append(1) or kernel(*a))
-    out = int4_linear(x, qw.qweight, qw.scale, b, group_size, act_bits=16)
+    out = int4_linear(x, qw.qweight, qw.scale, b, group_size, act_bits=16, w_zero=qw.zero)
     assert calls and out.dtype == dtype and out.shape == (m, n)
     assert rel_err(out, _w4a16_expected(x, qw, b)) <= W4A16_TOL[dtype]
     return out, x, qw, b
@@ -318,14 +339,15 @@ def test_builds_for_narrower_vector_units_are_bit_identical_too(monkeypatch, cap
         _zo_steps(fused, qw.scale, bits)
         _aten_path(monkeypatch, lambda: _zo_steps(aten, qw.scale, bits))
         assert torch.equal(fused, aten), (bits, n, k, group_size)
-    for case in DEQUANT_CASES:
-        for dtype in (torch.bfloat16, torch.float32):
-            _check_dequant(*case, dtype)
-    for dtype in (torch.float32, torch.float16):  # the W4A16 kernel's fp32 FMAs, at this width
-        for m, n, k, group_size in [(1, 33, 64, 32), (9, 48, 96, None), (5, 130, 576, 64)]:
-            x, qw, b = _w4a16_case(m, n, k, group_size, dtype)
-            out = cpu_ext.w4a16_linear(x, qw.qweight, qw.scale, b)
-            assert rel_err(out, _w4a16_expected(x, qw, b)) <= W4A16_TOL[dtype], (capability, dtype, m, n, k)
+    for symmetric in (True, False):  # without and with zero points
+        for case in DEQUANT_CASES:
+            for dtype in (torch.bfloat16, torch.float32):
+                _check_dequant(*case, dtype, symmetric)
+        for dtype in (torch.float32, torch.float16):  # the W4A16 kernel's fp32 FMAs, at this width
+            for m, n, k, group_size in [(1, 33, 64, 32), (9, 48, 96, None), (5, 130, 576, 64)]:
+                x, qw, b = _w4a16_case(m, n, k, group_size, dtype, symmetric=symmetric)
+                out = cpu_ext.w4a16_linear(x, qw.qweight, qw.scale, b, True, qw.zero)
+                assert rel_err(out, _w4a16_expected(x, qw, b)) <= W4A16_TOL[dtype], (capability, dtype, m, n, k)
 
 
 @needs_compiler

@@ -506,3 +506,90 @@ def test_onednn_split_gemm_without_vnni_packs_on_first_use_and_stays_exact(monke
     got = int8_gemm_cpu(x, w, backend="onednn", cache_key=w)
     assert torch.equal(got.double(), (x.long() @ w.long().T).double())
     assert qmatmul._PACKED[id(w)][1:] == (None, None, None)
+
+
+# ------------------------------------------------------------------ int4 with zero points (asymmetric)
+
+ASYM = [(66, None), (96, 32)]  # (K, group_size)
+
+
+def _asym_case(m, k, group_size, dtype=torch.float32, seed=0, n=N):
+    """x, an asymmetric int4 weight (shifted, so its zero points differ from 0) and a bias."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    w = torch.randn(n, k, generator=gen) / k**0.5 + 0.05
+    qw = quantize_weight(w, 4, group_size, symmetric=False)
+    assert qw.zero.abs().sum() > 0
+    return x, qw, torch.randn(n, generator=gen)
+
+
+def _asym_ref(x, qw, b, act_bits, act_qmax=127):
+    return qlinear_ref(x, qw.qweight, qw.scale, b, act_bits, 4, act_qmax=act_qmax, w_zero=qw.zero)
+
+
+@needs_triton
+@pytest.mark.parametrize("act_bits", [8, 16])
+@pytest.mark.parametrize("k, group_size", ASYM)
+@pytest.mark.parametrize("m, dtype", [(1, torch.float32), (129, torch.float32), (7, torch.bfloat16)])
+def test_triton_kernel_with_zero_points_matches_ref(m, dtype, k, group_size, act_bits):
+    x, qw, b = _asym_case(m, k, group_size, dtype)
+    out = qlinear_triton(x, qw.qweight, qw.scale, b, act_bits, 4, qw.zero)
+    assert out.dtype == dtype and out.shape == (m, N)
+    assert rel_err(out, _asym_ref(x, qw, b, act_bits)) <= _tol(dtype)
+
+
+@pytest.mark.parametrize("act_bits", [8, 16])
+@pytest.mark.parametrize("k, group_size", ASYM)
+@pytest.mark.parametrize("m, dtype", [(1, torch.float32), (7, torch.float32), (40, torch.float32),
+                                      (129, torch.float32), (7, torch.bfloat16), (40, torch.bfloat16),
+                                      (9, torch.float16), (40, torch.float16)])
+def test_cpu_op_with_zero_points_matches_ref(m, dtype, k, group_size, act_bits):
+    """Every CPU route of int4 (few-token kernel, dequantized GEMM, W4A8 GEMMs, first use / packed /
+    cached) subtracts each group's zero point: equal to the reference."""
+    x, qw, b = _asym_case(m, k, group_size, dtype)
+    ref = _asym_ref(x, qw, b, act_bits, qmatmul.cpu_act_qmax())
+    for _ in range(3):
+        out = int4_linear(x, qw.qweight, qw.scale, b, group_size, act_bits, w_zero=qw.zero)
+        assert out.dtype == dtype and out.shape == (m, N)
+        assert rel_err(out, ref) <= _tol(dtype)
+
+
+@pytest.mark.parametrize("k, group_size", ASYM)
+@pytest.mark.parametrize("m", [1, 129])
+def test_w4a8_with_zero_points_matches_its_reference_on_every_backend(cpu_backend, m, k, group_size):
+    x, qw, b = _asym_case(m, k, group_size, seed=3)
+    ref = _asym_ref(x, qw, b, 8, qmatmul.A7_QMAX if cpu_backend.endswith("_a7") else 127)
+    for _ in range(3):
+        assert rel_err(int4_linear(x, qw.qweight, qw.scale, b, group_size, 8, w_zero=qw.zero), ref) <= REL_TOL[torch.float32]
+
+
+@pytest.mark.parametrize("group_size", [32, 64])
+def test_atens_int4_kernel_takes_the_zero_points_as_its_float_zeros(group_size):
+    x, qw, _ = _asym_case(9, 128, group_size, torch.bfloat16, n=48)  # ATen needs N % 16 == 0
+    out = qmatmul._aten_int4_linear(x, qw.qweight, qw.scale, qw.zero)
+    assert out is not None and out.dtype == torch.bfloat16
+    assert rel_err(out, _asym_ref(x, qw, None, 16)) <= 2 * _tol(torch.bfloat16)  # zeros stored in bf16 too
+
+
+def test_gradient_with_zero_points_is_straight_through():
+    x, qw, b = _asym_case(7, 64, 32)
+    x.requires_grad_()
+    int4_linear(x, qw.qweight, qw.scale, b, 32, 8, w_zero=qw.zero).backward(g := torch.randn(7, N))
+    codes = unpack_int4(qw.qweight).float().reshape(N, 2, 32) - qw.zero.float()[..., None]
+    torch.testing.assert_close(x.grad, g @ (codes * qw.scale[..., None]).reshape(N, 64))
+
+
+def test_opcheck_with_zero_points():
+    x, qw, b = _asym_case(6, 32, 16)
+    x.requires_grad_()
+    for act_bits in (8, 16):
+        torch.library.opcheck(torch.ops.colafx.int4_linear.default,
+                              (x, qw.qweight, qw.scale, b, 16, act_bits, qw.zero))
+
+
+def test_bad_zero_points_raise():
+    x, qw, _ = _asym_case(3, 32, 16)
+    with pytest.raises(TypeError, match="w_zero must be an int8 tensor"):
+        int4_linear(x, qw.qweight, qw.scale, None, 16, w_zero=qw.zero.float())
+    with pytest.raises(ValueError, match="w_zero must have w_scale's shape"):
+        int4_linear(x, qw.qweight, qw.scale, None, 16, w_zero=qw.zero[:, :1])

@@ -256,3 +256,51 @@ def test_cpu_stream_any_range_equals_the_slice_of_the_whole(kind):
     assert not torch.equal(quant.cpu_noise(kind, 13, 1000), whole)
     if kind == "uniform":  # the 2^16-point grid on [0, 1)
         assert whole.min() >= 0 and whole.max() < 1 and torch.equal(whole * 2**16, (whole * 2**16).floor())
+
+
+# ------------------------------------------------------------------ asymmetric int4
+
+
+@pytest.mark.parametrize("n, k, group_size", [(40, 96, 32), (7, 64, None), (5, 128, 16)])  # its block sizes: 16..256
+def test_asymmetric_int4_gives_onnxruntimes_matmulnbits_quantizer_bits(n, k, group_size):
+    """symmetric=False is onnxruntime's MatMulNBitsQuantizer grid, bit for bit: its C++ quantizer
+    (``quantize_matmul_4bits``, asymmetric) gives the same scales, codes and uint4 zero points (z + 8)."""
+    ort_state = pytest.importorskip("onnxruntime.capi._pybind_state")
+    np = pytest.importorskip("numpy")
+    w = _x((n, k), seed=4) * 0.05 + 0.02  # shifted: zero points away from 0
+    block = k if group_size is None else group_size
+    blocks = k // block
+    packed = np.zeros((n, blocks, block // 2), dtype=np.uint8)
+    scales = np.zeros(n * blocks, dtype=np.float32)
+    zeros = np.zeros(n * ((blocks + 1) // 2), dtype=np.uint8)
+    ort_state.quantize_matmul_4bits(packed, np.ascontiguousarray(w.numpy().T), scales, zeros, block, n, k, False)
+    qw = quantize_weight(w, 4, group_size, symmetric=False)
+    ort_codes = torch.from_numpy(np.stack([packed & 0xF, packed >> 4], -1).reshape(n, k).astype(np.int8)) - 8
+    z = zeros.reshape(n, -1)
+    ort_zero = torch.from_numpy(np.stack([z & 0xF, z >> 4], -1).reshape(n, -1)[:, :blocks].astype(np.int8)) - 8
+    assert torch.equal(qw.scale, torch.from_numpy(scales).reshape(n, blocks))
+    assert torch.equal(qw.zero, ort_zero) and qw.zero.dtype == torch.int8
+    assert torch.equal(unpack_int4(qw.qweight), ort_codes)
+    assert len(set(qw.zero.flatten().tolist())) > 1
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_asymmetric_int4_error_is_within_a_step_and_beats_symmetric_on_shifted_groups(rounding):
+    w = _x((64, 128), seed=2) * 0.05 + 0.03
+    qw = quantize_weight(w, 4, 32, rounding, seed=1, symmetric=False)
+    assert qw.zero.shape == qw.scale.shape == (64, 4)
+    assert int(qw.zero.min()) >= -8 and int(qw.zero.max()) <= 7
+    step = qw.scale.repeat_interleave(32, dim=1)
+    bound = (0.5 if rounding == "nearest" else 1.0) * step * (1 + 1e-6)
+    deq = dequantize_weight(qw)
+    assert ((deq - w).abs() <= bound).all()
+    sym = dequantize_weight(quantize_weight(w, 4, 32, rounding, seed=1))
+    err_asym, err_sym = (deq - w).pow(2).sum(), (sym - w).pow(2).sum()
+    assert err_asym < 0.6 * err_sym  # 16 levels over the group's range instead of 15 over ±absmax
+
+
+def test_asymmetric_is_int4_only_with_the_full_code_range():
+    with pytest.raises(ValueError, match="symmetric=False is for int4"):
+        quantize_weight(torch.randn(4, 8), 8, symmetric=False)
+    with pytest.raises(ValueError, match="symmetric=False is for int4"):
+        quantize_weight(torch.randn(4, 8), 4, qmax=6, symmetric=False)

@@ -1,7 +1,8 @@
 // int4 weight -> bf16 or fp32 weight on the CPU, for W4A16 GEMMs with many tokens
-// (colafx/kernels/qmatmul.py): w[n, k] = (nibble - 8) · scale[n, k / group_len] in fp32, as
-// dequantize_ref(q, scale), or that product rounded to bf16 (nearest even), as
-// dequantize_ref(q, scale).to(torch.bfloat16). One pass from the packed nibbles.
+// (colafx/kernels/qmatmul.py): w[n, k] = (nibble - c) · scale[n, k / group_len] in fp32, with the
+// group's centre c = 8 + its zero point (8 without zero points), as dequantize_ref(q, scale, zero),
+// or that product rounded to bf16 (nearest even), as dequantize_ref(q, scale, zero).to(torch.bfloat16).
+// One pass from the packed nibbles.
 #include "ops.h"
 
 #include <ATen/Parallel.h>
@@ -36,21 +37,22 @@ inline __m256i bf16_bits(__m256 v) {
 }
 #endif
 
-// Columns 2c and 2c + 1 of one group of a row, from W bytes: the fp32 products (nibble - 8) · s of
-// the low nibbles (lo) and of the high ones (hi), stored as bf16 pairs or interleaved fp32.
+// Columns 2c and 2c + 1 of one group of a row, from W bytes: the fp32 products (nibble - centre) · s
+// of the low nibbles (lo) and of the high ones (hi), stored as bf16 pairs or interleaved fp32.
 template <bool BF16>
-void dequant_group(const uint8_t* in, float s, int64_t bytes, void* out) {
-  int64_t c = 0;  // byte c holds columns 2c (low nibble) and 2c + 1, each stored as value + 8
+void dequant_group(const uint8_t* in, float s, int32_t centre, int64_t bytes, void* out) {
+  int64_t c = 0;  // byte c holds columns 2c (low nibble) and 2c + 1
   auto* o16 = static_cast<uint16_t*>(out);
   auto* o32 = static_cast<float*>(out);
 #if defined(__AVX512F__)
   const __m512 vs = _mm512_set1_ps(s);
+  const __m512i vc = _mm512_set1_epi32(centre);
   const __m512i first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
   const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
   for (; c + 16 <= bytes; c += 16) {
     const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in + c)));
-    const __m512 lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(b, _mm512_set1_epi32(0xF)), _mm512_set1_epi32(8))), vs);
-    const __m512 hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(b, 4), _mm512_set1_epi32(8))), vs);
+    const __m512 lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(b, _mm512_set1_epi32(0xF)), vc)), vs);
+    const __m512 hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(b, 4), vc)), vs);
     if constexpr (BF16) {  // little endian: column 2c in the low half of each 32-bit word
       _mm512_storeu_si512(o16 + 2 * c, _mm512_or_si512(bf16_bits(lo), _mm512_slli_epi32(bf16_bits(hi), 16)));
     } else {
@@ -60,10 +62,11 @@ void dequant_group(const uint8_t* in, float s, int64_t bytes, void* out) {
   }
 #elif defined(__AVX2__)
   const __m256 vs = _mm256_set1_ps(s);
+  const __m256i vc = _mm256_set1_epi32(centre);
   for (; c + 8 <= bytes; c += 8) {
     const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(in + c)));
-    const __m256 lo = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(b, _mm256_set1_epi32(0xF)), _mm256_set1_epi32(8))), vs);
-    const __m256 hi = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(b, 4), _mm256_set1_epi32(8))), vs);
+    const __m256 lo = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(b, _mm256_set1_epi32(0xF)), vc)), vs);
+    const __m256 hi = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(b, 4), vc)), vs);
     if constexpr (BF16) {
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(o16 + 2 * c), _mm256_or_si256(bf16_bits(lo), _mm256_slli_epi32(bf16_bits(hi), 16)));
     } else {  // unpack pairs within 128-bit halves, then put the halves in order
@@ -74,8 +77,8 @@ void dequant_group(const uint8_t* in, float s, int64_t bytes, void* out) {
   }
 #endif
   for (; c < bytes; ++c) {
-    const float lo = static_cast<float>(static_cast<int32_t>(in[c] & 0xF) - 8) * s;
-    const float hi = static_cast<float>(static_cast<int32_t>(in[c] >> 4) - 8) * s;
+    const float lo = static_cast<float>(static_cast<int32_t>(in[c] & 0xF) - centre) * s;
+    const float hi = static_cast<float>(static_cast<int32_t>(in[c] >> 4) - centre) * s;
     if constexpr (BF16) {
       o16[2 * c] = bf16_bits(lo);
       o16[2 * c + 1] = bf16_bits(hi);
@@ -88,7 +91,8 @@ void dequant_group(const uint8_t* in, float s, int64_t bytes, void* out) {
 
 }  // namespace
 
-at::Tensor dequant_int4(const at::Tensor& packed, const at::Tensor& scales, bool to_bf16) {
+at::Tensor dequant_int4(const at::Tensor& packed, const at::Tensor& scales, const std::optional<at::Tensor>& zeros,
+                        bool to_bf16) {
   TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte && packed.is_contiguous(),
               "packed must be uint8 [N, K / 2] contiguous");
   const int64_t n = packed.size(0), k = packed.size(1) * 2;
@@ -96,7 +100,10 @@ at::Tensor dequant_int4(const at::Tensor& packed, const at::Tensor& scales, bool
               "scales must be fp32 [N, G] contiguous");
   const int64_t groups = scales.size(1);
   TORCH_CHECK(groups > 0 && k % groups == 0 && (k / groups) % 2 == 0, "groups must split K into even lengths");
+  TORCH_CHECK(!zeros || (zeros->scalar_type() == at::kChar && zeros->is_contiguous() && zeros->sizes() == scales.sizes()),
+              "zeros must be int8 [N, G] contiguous, as scales");
   const int64_t group_len = k / groups;
+  const int8_t* zp = zeros ? zeros->data_ptr<int8_t>() : nullptr;
   auto out = at::empty({n, k}, packed.options().dtype(to_bf16 ? at::kBFloat16 : at::kFloat));
   const uint8_t* src = packed.data_ptr<uint8_t>();
   const float* sp = scales.data_ptr<float>();
@@ -107,10 +114,11 @@ at::Tensor dequant_int4(const at::Tensor& packed, const at::Tensor& scales, bool
       for (int64_t g = 0; g < groups; ++g) {
         const uint8_t* in = src + i * (k / 2) + g * (group_len / 2);
         void* o = dst + (i * k + g * group_len) * item;
+        const int32_t centre = zp ? 8 + zp[i * groups + g] : 8;
         if (to_bf16)
-          dequant_group<true>(in, sp[i * groups + g], group_len / 2, o);
+          dequant_group<true>(in, sp[i * groups + g], centre, group_len / 2, o);
         else
-          dequant_group<false>(in, sp[i * groups + g], group_len / 2, o);
+          dequant_group<false>(in, sp[i * groups + g], centre, group_len / 2, o);
       }
   });
   return out;

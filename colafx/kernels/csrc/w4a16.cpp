@@ -1,7 +1,7 @@
 // W4A16 linear for few tokens (decode, short prompts) on the CPU (colafx/kernels/qmatmul.py):
-// y[m, n] = sum_k x[m, k] · (nibble[n, k] - 8) · scale[n, k / group_len] (+ bias[n]), accumulated in
-// fp32, for x in fp32 / bf16 / fp16 and a packed int4 weight (byte c of a row holds columns 2c, low
-// nibble, and 2c + 1). The weight is read once, as int4, and dequantized in registers. bf16 x on
+// y[m, n] = sum_k x[m, k] · (nibble[n, k] - c) · scale[n, k / group_len] (+ bias[n]), accumulated in
+// fp32, for x in fp32 / bf16 / fp16 and a packed int4 weight (byte i of a row holds columns 2i, low
+// nibble, and 2i + 1); a group's centre c is 8 + its zero point (8 for symmetric weights). The weight is read once, as int4, and dequantized in registers. bf16 x on
 // AVX512-BF16 CPUs goes straight into bf16 dot products (namespace bf16dot); otherwise x (few rows)
 // is widened to fp32 once, its columns reordered so that the low and high nibbles of a run of bytes
 // meet contiguous x, for fp32 FMAs.
@@ -35,10 +35,11 @@ inline V vset(float s) { return _mm512_set1_ps(s); }
 inline V vload(const float* p) { return _mm512_loadu_ps(p); }
 inline V vfma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
 inline float vsum(V a) { return _mm512_reduce_add_ps(a); }
-// the 16 dequantized values (i - 8)·s, looked up by vpermps (it reads the low 4 bits of each index)
+// the 16 dequantized values (i - c)·s, looked up by vpermps (it reads the low 4 bits of each index)
 using Tab = __m512;
-inline Tab table(float s) {
-  return _mm512_mul_ps(_mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7), _mm512_set1_ps(s));
+inline Tab table(float s, int c) {
+  const __m512 i = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  return _mm512_mul_ps(_mm512_sub_ps(i, _mm512_set1_ps(static_cast<float>(c))), _mm512_set1_ps(s));
 }
 inline void unpack(const uint8_t* p, Tab tab, V& lo, V& hi) {
   const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
@@ -57,13 +58,15 @@ inline float vsum(V a) {
   r = _mm_add_ps(r, _mm_movehl_ps(r, r));
   return _mm_cvtss_f32(_mm_add_ss(r, _mm_movehdup_ps(r)));
 }
-using Tab = __m256;
-inline Tab table(float s) { return _mm256_set1_ps(s); }
-inline void unpack(const uint8_t* p, Tab s, V& lo, V& hi) {
+struct Tab {
+  __m256 s;
+  __m256i c;
+};
+inline Tab table(float s, int c) { return {_mm256_set1_ps(s), _mm256_set1_epi32(c)}; }
+inline void unpack(const uint8_t* p, const Tab& t, V& lo, V& hi) {
   const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-  const __m256i eight = _mm256_set1_epi32(8);
-  lo = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(b, _mm256_set1_epi32(0xF)), eight)), s);
-  hi = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(b, 4), eight)), s);
+  lo = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(b, _mm256_set1_epi32(0xF)), t.c)), t.s);
+  hi = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(b, 4), t.c)), t.s);
 }
 #else
 constexpr int W = 1, MB = 4;
@@ -73,13 +76,19 @@ inline V vset(float s) { return s; }
 inline V vload(const float* p) { return *p; }
 inline V vfma(V a, V b, V c) { return a * b + c; }
 inline float vsum(V a) { return a; }
-using Tab = float;
-inline Tab table(float s) { return s; }
-inline void unpack(const uint8_t* p, Tab s, V& lo, V& hi) {
-  lo = static_cast<float>(static_cast<int32_t>(*p & 0xF) - 8) * s;
-  hi = static_cast<float>(static_cast<int32_t>(*p >> 4) - 8) * s;
+struct Tab {
+  float s;
+  int32_t c;
+};
+inline Tab table(float s, int c) { return {s, c}; }
+inline void unpack(const uint8_t* p, const Tab& t, V& lo, V& hi) {
+  lo = static_cast<float>(static_cast<int32_t>(*p & 0xF) - t.c) * t.s;
+  hi = static_cast<float>(static_cast<int32_t>(*p >> 4) - t.c) * t.s;
 }
 #endif
+// the nibble that stands for 0 in group i: 8 + its zero point (8 without zero points)
+inline int centre(const int8_t* zeros, int64_t i) { return zeros ? 8 + zeros[i] : 8; }
+
 constexpr int64_t CHUNK = 2 * W;  // columns per unpack: W bytes
 
 constexpr int64_t KB = 512;   // columns per block: a token block of x (MB·KB fp32) stays in L1
@@ -89,7 +98,7 @@ constexpr int64_t ROWS = 32;  // weight rows per tile: read from memory once for
 // [T, K], reordered: in every CHUNK of columns the even ones first, then the odd ones). R rows at
 // once: R·T independent accumulators hide the FMA latency and share the loads of x.
 template <int T, int R>
-void rows(const float* xr, const uint8_t* w, const float* scales, float* acc, int64_t n, int64_t k0, int64_t k1,
+void rows(const float* xr, const uint8_t* w, const float* scales, const int8_t* zeros, float* acc, int64_t n, int64_t k0, int64_t k1,
           int64_t k, int64_t groups, int64_t n_total) {
   const int64_t group_len = k / groups;
   V a[R][T];
@@ -98,7 +107,7 @@ void rows(const float* xr, const uint8_t* w, const float* scales, float* acc, in
   for (int64_t col = k0, g = k0 / group_len; col < k1; ++g) {
     const int64_t end = std::min(k1, (g + 1) * group_len);
     Tab tab[R];
-    for (int r = 0; r < R; ++r) tab[r] = table(scales[(n + r) * groups + g]);
+    for (int r = 0; r < R; ++r) tab[r] = table(scales[(n + r) * groups + g], centre(zeros, (n + r) * groups + g));
     for (; col < end; col += CHUNK) {
       V lo[R], hi[R];
       for (int r = 0; r < R; ++r) unpack(w + (n + r) * (k / 2) + col / 2, tab[r], lo[r], hi[r]);
@@ -113,21 +122,21 @@ void rows(const float* xr, const uint8_t* w, const float* scales, float* acc, in
 }
 
 template <int T>
-void block(const float* xr, const uint8_t* w, const float* scales, float* acc, int64_t n0, int64_t n1, int64_t k0,
+void block(const float* xr, const uint8_t* w, const float* scales, const int8_t* zeros, float* acc, int64_t n0, int64_t n1, int64_t k0,
            int64_t k1, int64_t k, int64_t groups, int64_t n_total) {
   constexpr int R = T >= MB ? 2 : 4;
   int64_t n = n0;
-  for (; n + R <= n1; n += R) rows<T, R>(xr, w, scales, acc, n, k0, k1, k, groups, n_total);
-  for (; n < n1; ++n) rows<T, 1>(xr, w, scales, acc, n, k0, k1, k, groups, n_total);
+  for (; n + R <= n1; n += R) rows<T, R>(xr, w, scales, zeros, acc, n, k0, k1, k, groups, n_total);
+  for (; n < n1; ++n) rows<T, 1>(xr, w, scales, zeros, acc, n, k0, k1, k, groups, n_total);
 }
 
 template <int T>
-void tokens(const float* xr, const uint8_t* w, const float* scales, float* acc, int64_t n0, int64_t n1, int64_t k0,
+void tokens(const float* xr, const uint8_t* w, const float* scales, const int8_t* zeros, float* acc, int64_t n0, int64_t n1, int64_t k0,
             int64_t k1, int64_t k, int64_t groups, int64_t n_total, int64_t t) {
   if constexpr (T > 1) {
-    if (t < T) return tokens<T - 1>(xr, w, scales, acc, n0, n1, k0, k1, k, groups, n_total, t);
+    if (t < T) return tokens<T - 1>(xr, w, scales, zeros, acc, n0, n1, k0, k1, k, groups, n_total, t);
   }
-  block<T>(xr, w, scales, acc, n0, n1, k0, k1, k, groups, n_total);
+  block<T>(xr, w, scales, zeros, acc, n0, n1, k0, k1, k, groups, n_total);
 }
 
 // The loops both kernels share: tiles of ROWS weight rows over the threads; in each tile, blocks of
@@ -150,24 +159,24 @@ void tiled(const float* bias, float* acc, O* out, int64_t m, int64_t n, int64_t 
 
 // out [M, N] (x's dtype) for xr (fp32 [M, K], reordered), fp32 FMAs.
 template <typename O>
-void linear(const float* xr, const uint8_t* w, const float* scales, const float* bias, float* acc, O* out, int64_t m,
+void linear(const float* xr, const uint8_t* w, const float* scales, const int8_t* zeros, const float* bias, float* acc, O* out, int64_t m,
             int64_t n, int64_t k, int64_t groups) {
   tiled(bias, acc, out, m, n, k, KB, MB, [&](int64_t t0, int64_t t, int64_t n0, int64_t n1, int64_t k0, int64_t k1) {
-    tokens<MB>(xr + t0 * k, w, scales, acc + t0 * n, n0, n1, k0, k1, k, groups, n, t);
+    tokens<MB>(xr + t0 * k, w, scales, zeros, acc + t0 * n, n0, n1, k0, k1, k, groups, n, t);
   });
 }
 
 #if COLAFX_BF16_DOT
 // bf16 x on CPUs with AVX512-BF16, whatever the build's vector width (a function-level target, used
 // after a run-time check): each 32-bit lane pairs columns 2c and 2c + 1, as x's bf16 pairs and the
-// weight's bytes do, so vdpbf16ps takes x as stored and the weight as bf16((nibble - 8)·s) pairs
+// weight's bytes do, so vdpbf16ps takes x as stored and the weight as bf16((nibble - c)·s) pairs
 // (the values the many-token path's dequantized bf16 weight holds); 2 MACs per lane and instruction.
 #define COLAFX_BF16 __attribute__((target("avx512f,avx512bw,avx512bf16")))
 namespace bf16dot {
 
-COLAFX_BF16 inline __m512i table(float s) {  // bf16 (i - 8)·s in the low 16 of the 32 words
-  const __m512 v = _mm512_mul_ps(_mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7),
-                                 _mm512_set1_ps(s));
+COLAFX_BF16 inline __m512i table(float s, int c) {  // bf16 (i - c)·s in the low 16 of the 32 words
+  const __m512 i = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512 v = _mm512_mul_ps(_mm512_sub_ps(i, _mm512_set1_ps(static_cast<float>(c))), _mm512_set1_ps(s));
   return _mm512_castsi256_si512(reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
 }
 
@@ -178,7 +187,7 @@ COLAFX_BF16 inline __m512bh pairs(const uint8_t* p, __m512i tab) {  // 16 bytes 
 }
 
 template <int T, int R>
-COLAFX_BF16 void rows(const uint16_t* x, const uint8_t* w, const float* scales, float* acc, int64_t n, int64_t k0,
+COLAFX_BF16 void rows(const uint16_t* x, const uint8_t* w, const float* scales, const int8_t* zeros, float* acc, int64_t n, int64_t k0,
                       int64_t k1, int64_t k, int64_t groups, int64_t n_total) {
   const int64_t group_len = k / groups;
   __m512 a[R][T];
@@ -187,7 +196,7 @@ COLAFX_BF16 void rows(const uint16_t* x, const uint8_t* w, const float* scales, 
   for (int64_t col = k0, g = k0 / group_len; col < k1; ++g) {
     const int64_t end = std::min(k1, (g + 1) * group_len);
     __m512i tab[R];
-    for (int r = 0; r < R; ++r) tab[r] = table(scales[(n + r) * groups + g]);
+    for (int r = 0; r < R; ++r) tab[r] = table(scales[(n + r) * groups + g], centre(zeros, (n + r) * groups + g));
     for (; col < end; col += 32) {
       __m512bh wv[R];
       for (int r = 0; r < R; ++r) wv[r] = pairs(w + (n + r) * (k / 2) + col / 2, tab[r]);
@@ -202,29 +211,29 @@ COLAFX_BF16 void rows(const uint16_t* x, const uint8_t* w, const float* scales, 
 }
 
 template <int T>
-COLAFX_BF16 void block(const uint16_t* x, const uint8_t* w, const float* scales, float* acc, int64_t n0, int64_t n1,
+COLAFX_BF16 void block(const uint16_t* x, const uint8_t* w, const float* scales, const int8_t* zeros, float* acc, int64_t n0, int64_t n1,
                        int64_t k0, int64_t k1, int64_t k, int64_t groups, int64_t n_total) {
   constexpr int R = T >= 8 ? 2 : 4;
   int64_t n = n0;
-  for (; n + R <= n1; n += R) rows<T, R>(x, w, scales, acc, n, k0, k1, k, groups, n_total);
-  for (; n < n1; ++n) rows<T, 1>(x, w, scales, acc, n, k0, k1, k, groups, n_total);
+  for (; n + R <= n1; n += R) rows<T, R>(x, w, scales, zeros, acc, n, k0, k1, k, groups, n_total);
+  for (; n < n1; ++n) rows<T, 1>(x, w, scales, zeros, acc, n, k0, k1, k, groups, n_total);
 }
 
 template <int T>
-COLAFX_BF16 void tokens(const uint16_t* x, const uint8_t* w, const float* scales, float* acc, int64_t n0, int64_t n1,
+COLAFX_BF16 void tokens(const uint16_t* x, const uint8_t* w, const float* scales, const int8_t* zeros, float* acc, int64_t n0, int64_t n1,
                         int64_t k0, int64_t k1, int64_t k, int64_t groups, int64_t n_total, int64_t t) {
   if constexpr (T > 1) {
-    if (t < T) return tokens<T - 1>(x, w, scales, acc, n0, n1, k0, k1, k, groups, n_total, t);
+    if (t < T) return tokens<T - 1>(x, w, scales, zeros, acc, n0, n1, k0, k1, k, groups, n_total, t);
   }
-  block<T>(x, w, scales, acc, n0, n1, k0, k1, k, groups, n_total);
+  block<T>(x, w, scales, zeros, acc, n0, n1, k0, k1, k, groups, n_total);
 }
 
-void linear(const uint16_t* x, const uint8_t* w, const float* scales, const float* bias, float* acc,
+void linear(const uint16_t* x, const uint8_t* w, const float* scales, const int8_t* zeros, const float* bias, float* acc,
             at::BFloat16* out, int64_t m, int64_t n, int64_t k, int64_t groups) {
   constexpr int TB = 8;
   // bf16 x: twice the columns of the fp32 kernel in the same bytes of L1
   tiled(bias, acc, out, m, n, k, 2 * KB, TB, [&](int64_t t0, int64_t t, int64_t n0, int64_t n1, int64_t k0, int64_t k1) {
-    tokens<TB>(x + t0 * k, w, scales, acc + t0 * n, n0, n1, k0, k1, k, groups, n, t);
+    tokens<TB>(x + t0 * k, w, scales, zeros, acc + t0 * n, n0, n1, k0, k1, k, groups, n, t);
   });
 }
 
@@ -253,7 +262,7 @@ void reorder_x(const at::Tensor& x, float* xr) {
 }  // namespace
 
 at::Tensor w4a16_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
-                        const std::optional<at::Tensor>& bias, bool bf16_dot) {
+                        const std::optional<at::Tensor>& zeros, const std::optional<at::Tensor>& bias, bool bf16_dot) {
   TORCH_CHECK(x.dim() >= 1 && x.is_contiguous(), "x must be [..., K] contiguous");
   TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte && packed.is_contiguous(),
               "packed must be uint8 [N, K / 2] contiguous");
@@ -263,6 +272,8 @@ at::Tensor w4a16_linear(const at::Tensor& x, const at::Tensor& packed, const at:
               "scales must be fp32 [N, G] contiguous");
   const int64_t groups = scales.size(1);
   TORCH_CHECK(k > 0 && groups > 0 && k % groups == 0 && (k / groups) % 32 == 0, "groups must split K into multiples of 32");
+  TORCH_CHECK(!zeros || (zeros->scalar_type() == at::kChar && zeros->is_contiguous() && zeros->sizes() == scales.sizes()),
+              "zeros must be int8 [N, G] contiguous, as scales");
   TORCH_CHECK(!bias || (bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == n),
               "bias must be fp32 [", n, "] contiguous");
   const int64_t m = x.numel() / k;
@@ -271,11 +282,12 @@ at::Tensor w4a16_linear(const at::Tensor& x, const at::Tensor& packed, const at:
   auto out = at::empty(shape, x.options());
   const uint8_t* wp = packed.data_ptr<uint8_t>();
   const float* sp = scales.data_ptr<float>();
+  const int8_t* zp = zeros ? zeros->data_ptr<int8_t>() : nullptr;
   const float* bp = bias ? bias->data_ptr<float>() : nullptr;
 #if COLAFX_BF16_DOT
   if (x.scalar_type() == at::kBFloat16 && bf16_dot && has_bf16_dot()) {
     auto acc = at::empty({m, n}, x.options().dtype(at::kFloat));
-    bf16dot::linear(static_cast<const uint16_t*>(x.data_ptr()), wp, sp, bp, acc.data_ptr<float>(),
+    bf16dot::linear(static_cast<const uint16_t*>(x.data_ptr()), wp, sp, zp, bp, acc.data_ptr<float>(),
                     out.data_ptr<at::BFloat16>(), m, n, k, groups);
     return out;
   }
@@ -291,9 +303,9 @@ at::Tensor w4a16_linear(const at::Tensor& x, const at::Tensor& packed, const at:
   auto acc = x.scalar_type() == at::kFloat ? out : at::empty({m, n}, x.options().dtype(at::kFloat));
   float* ap = acc.data_ptr<float>();
   switch (x.scalar_type()) {
-    case at::kFloat: linear(xrp, wp, sp, bp, ap, out.data_ptr<float>(), m, n, k, groups); break;
-    case at::kBFloat16: linear(xrp, wp, sp, bp, ap, out.data_ptr<at::BFloat16>(), m, n, k, groups); break;
-    default: linear(xrp, wp, sp, bp, ap, out.data_ptr<at::Half>(), m, n, k, groups); break;
+    case at::kFloat: linear(xrp, wp, sp, zp, bp, ap, out.data_ptr<float>(), m, n, k, groups); break;
+    case at::kBFloat16: linear(xrp, wp, sp, zp, bp, ap, out.data_ptr<at::BFloat16>(), m, n, k, groups); break;
+    default: linear(xrp, wp, sp, zp, bp, ap, out.data_ptr<at::Half>(), m, n, k, groups); break;
   }
   return out;
 }
