@@ -89,6 +89,14 @@ def _matmul_nbits(A: FLOAT[...], B: UINT8[...], scales: FLOAT[...], K: int, N: i
                              accuracy_level=accuracy_level)
 
 
+@onnxscript.script(_MSFT)
+def _matmul_nbits_zp(A: FLOAT[...], B: UINT8[...], scales: FLOAT[...], zero_points: UINT8[...], K: int, N: int,
+                     bits: int, block_size: int, accuracy_level: int) -> FLOAT[...]:
+    """com.microsoft::MatMulNBits with packed uint4 zero points (one per block)."""
+    return _MSFT.MatMulNBits(A, B, scales, zero_points, K=K, N=N, bits=bits, block_size=block_size,
+                             accuracy_level=accuracy_level)
+
+
 def _const_ints(values):
     return op.Constant(value_ints=list(values))
 
@@ -111,9 +119,11 @@ def _per_token_int8(x, shifted: bool = False):
     return op.Cast(q, to=_INT8), scale
 
 
-def _dequantized_weight(q_float, w_scale, n: int, k: int, groups: int):
-    """[N, K] float weight from float codes [N, K] and scales [N, G]."""
+def _dequantized_weight(q_float, w_scale, n: int, k: int, groups: int, w_zero=None):
+    """[N, K] float weight from float codes [N, K], scales [N, G] and zero points [N, G] (or None)."""
     grouped = op.Reshape(q_float, _const_ints([n, groups, k // groups]))
+    if w_zero is not None:
+        grouped = op.Sub(grouped, op.Unsqueeze(op.Cast(w_zero, to=_FLOAT), _const_ints([-1])))
     scaled = op.Mul(grouped, op.Unsqueeze(w_scale, _const_ints([-1])))
     return op.Reshape(scaled, _const_ints([n, k]))
 
@@ -192,16 +202,35 @@ def _make_int8_linear_onnx(act_quant: str, ops: str = "standard"):
     return int8_linear_onnx
 
 
-def _nbits(xf, codes, w_scale, n: int, k: int, bits: int, group_size, act_bits: int):
-    """com.microsoft::MatMulNBits on unsigned codes [N, K·bits/8] (zero point 2^(bits-1)) with
-    scales [N, G]; per-channel scales are repeated per block. ``act_bits=8``: accuracy_level 4."""
+def _nbits(xf, codes, w_scale, n: int, k: int, bits: int, group_size, act_bits: int, w_zero=None):
+    """com.microsoft::MatMulNBits on unsigned codes [N, K·bits/8] (zero point 2^(bits-1), or the
+    int4 zero points ``w_zero`` [N, G] + 8) with scales [N, G]; per-channel scales and zero points
+    are repeated per block. ``act_bits=8``: accuracy_level 4."""
     block = nbits_block_size(k, group_size)
     blocks = k // block
     packed = op.Reshape(codes, _const_ints([n, blocks, block * bits // 8]))
     groups = w_scale.shape[1]
     scales = w_scale if groups == blocks else op.Expand(w_scale, _const_ints([n, blocks]))
-    return _matmul_nbits(xf, packed, op.Reshape(scales, _const_ints([-1])), K=k, N=n, bits=bits,
-                         block_size=block, accuracy_level=4 if act_bits == 8 else 0)
+    attrs = dict(K=k, N=n, bits=bits, block_size=block, accuracy_level=4 if act_bits == 8 else 0)
+    if w_zero is None:
+        return _matmul_nbits(xf, packed, op.Reshape(scales, _const_ints([-1])), **attrs)
+    return _matmul_nbits_zp(xf, packed, op.Reshape(scales, _const_ints([-1])),
+                            _packed_zero_points(w_zero, n, groups, blocks), **attrs)
+
+
+def _packed_zero_points(w_zero, n: int, groups: int, blocks: int):
+    """MatMulNBits' uint4 zero points from int8 ``w_zero`` [N, G]: z + 8 per block, two blocks per
+    byte (the even one in the low nibble), each row padded to whole bytes; flat [N · ceil(blocks / 2)]."""
+    z = op.Cast(op.Add(op.Cast(w_zero, to=_INT64), op.Constant(value_int=8)), to=_UINT8)
+    if groups != blocks:
+        z = op.Expand(z, _const_ints([n, blocks]))
+    if blocks % 2:
+        z = op.Pad(z, _const_ints([0, 0, 0, 1]))
+    pairs = op.Reshape(z, _const_ints([n, (blocks + 1) // 2, 2]))
+    low = op.Squeeze(op.Slice(pairs, _const_ints([0]), _const_ints([1]), _const_ints([2])), _const_ints([2]))
+    high = op.Squeeze(op.Slice(pairs, _const_ints([1]), _const_ints([2]), _const_ints([2])), _const_ints([2]))
+    both = op.BitwiseOr(low, op.BitShift(high, op.Constant(value=_uint8_tensor(4)), direction="LEFT"))
+    return op.Reshape(both, _const_ints([-1]))
 
 
 int8_linear_onnx = _make_int8_linear_onnx("per_token")
@@ -238,17 +267,17 @@ def _uint8_tensor(value: int):
 
 
 def _make_int4_linear_onnx(ops: str = "contrib"):
-    def int4_linear_onnx(x, qweight, w_scale, bias=None, group_size=None, act_bits: int = 8):
+    def int4_linear_onnx(x, qweight, w_scale, bias=None, group_size=None, act_bits: int = 8, w_zero=None):
         """ONNX for ``colafx::int4_linear``: MatMulNBits, or an in-graph dequantization."""
         n, half_k = qweight.shape
         k, groups = 2 * half_k, w_scale.shape[1]
         xf = op.Cast(x, to=_FLOAT)
         if ops.startswith("contrib") and nbits_block_size(k, group_size) is not None:
-            return _finish(_nbits(xf, qweight, w_scale, n, k, 4, group_size, act_bits), x, bias)
+            return _finish(_nbits(xf, qweight, w_scale, n, k, 4, group_size, act_bits, w_zero), x, bias)
         if act_bits == 8:
             qx, sx = _per_token_int8(xf)
             xf = op.Mul(op.Cast(qx, to=_FLOAT), sx)
-        w = _dequantized_weight(_unpacked_int4(qweight, n, k), w_scale, n, k, groups)
+        w = _dequantized_weight(_unpacked_int4(qweight, n, k), w_scale, n, k, groups, w_zero)
         return _finish(op.MatMul(xf, op.Transpose(w, perm=[1, 0])), x, bias)
 
     return int4_linear_onnx
@@ -290,9 +319,11 @@ def onnx_translation_table(act_quant: str = "per_token", ops: str = "contrib") -
     }
 
 
-# com.microsoft GEMMs that fuse_shared_input_gemms merges: {op_type: (number of inputs, {weight input:
+# com.microsoft GEMMs that fuse_shared_input_gemms merges: {(op_type, number of inputs): ({weight input:
 # concatenation axis}, the weight input whose axis holds N)}; every other input must be shared.
-_MERGEABLE = {"MatMulNBits": (3, {1: 0, 2: 0}, 1), "MatMulIntegerToFloat": (5, {1: 1, 3: 0}, 1)}
+# MatMulNBits' weight, scales and zero points hold whole rows of N, one after the other.
+_MERGEABLE = {("MatMulNBits", 3): ({1: 0, 2: 0}, 1), ("MatMulNBits", 4): ({1: 0, 2: 0, 3: 0}, 1),
+              ("MatMulIntegerToFloat", 5): ({1: 1, 3: 0}, 1)}
 
 
 def fuse_shared_input_gemms(model) -> int:
@@ -301,7 +332,7 @@ def fuse_shared_input_gemms(model) -> int:
     concatenated weights, followed by a ``Split`` back into the original outputs: one activation
     quantization and one wider GEMM instead of several. Only nodes whose weights and weight scales
     are initializers, whose other inputs are the same tensors and that have no further inputs
-    (zero points of the weight, g_idx, bias) are merged. Edits the ``onnx.ModelProto`` in place
+    (g_idx, bias) are merged; MatMulNBits' zero points are concatenated like its scales. Edits the ``onnx.ModelProto`` in place
     (topological order is kept: the merged node takes the place of the group's first node).
 
     Returns:
@@ -315,19 +346,19 @@ def fuse_shared_input_gemms(model) -> int:
     inits = {t.name: t for t in graph.initializer}
     groups: dict[tuple, list] = {}
     for node in graph.node:
-        rule = _MERGEABLE.get(node.op_type)
-        if rule is None or node.domain != "com.microsoft" or len(node.input) != rule[0]:
+        rule = _MERGEABLE.get((node.op_type, len(node.input)))
+        if rule is None or node.domain != "com.microsoft":
             continue
-        if not all(node.input[i] in inits for i in rule[1]):
+        if not all(node.input[i] in inits for i in rule[0]):
             continue
-        shared = tuple(name for i, name in enumerate(node.input) if i not in rule[1])
+        shared = tuple(name for i, name in enumerate(node.input) if i not in rule[0])
         attrs = tuple(sorted((a.name, onnx.helper.get_attribute_value(a)) for a in node.attribute if a.name != "N"))
-        groups.setdefault((node.op_type, shared, attrs), []).append(node)
+        groups.setdefault((node.op_type, len(node.input), shared, attrs), []).append(node)
     removed = 0
-    for (op_type, _, _), nodes in groups.items():
+    for (op_type, n_inputs, _, _), nodes in groups.items():
         if len(nodes) < 2:
             continue
-        _, axes, n_input = _MERGEABLE[op_type]
+        axes, n_input = _MERGEABLE[(op_type, n_inputs)]
         stem = f"{nodes[0].output[0]}_fused"
         inputs = list(nodes[0].input)
         for i, axis in axes.items():
@@ -356,6 +387,10 @@ def fuse_shared_input_gemms(model) -> int:
     return removed
 
 
+# the int4 weight's preparation: packed nibbles reshaped (same bytes), zero points packed
+_INT4_FOLDED = ("Reshape", "Cast", "Add", "Expand", "Pad", "Slice", "Squeeze", "BitShift", "BitwiseOr")
+
+
 def fold_quantized_weights(model) -> None:
     """Constant-fold the weight preparation of the quantized linears (int8 codes shifted to uint8,
     reshaped into MatMulNBits blocks or transposed for MatMulInteger; int4 nibbles reshaped into
@@ -369,7 +404,7 @@ def fold_quantized_weights(model) -> None:
         scope = node.metadata_props.get("pkg.torch.onnx.class_hierarchy", "")
         if "colafx.int8_linear" in scope and node.op_type in ("Cast", "Add", "Reshape", "Transpose"):
             return True
-        if "colafx.int4_linear" in scope and node.op_type == "Reshape":  # packed nibbles: same bytes
+        if "colafx.int4_linear" in scope and node.op_type in _INT4_FOLDED:  # nibbles, zero points
             return True
         return None
 

@@ -487,6 +487,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quant-head", action="store_true",
                         help="with --quant: quantize the logits head too (smaller, faster decode; a head "
                              "tied to the embedding is untied, the embedding stays float)")
+    parser.add_argument("--asymmetric", action="store_true",
+                        help="with --quant int4: asymmetric int4, 16 levels over each group's range and a zero "
+                             "point per group (onnxruntime's MatMulNBitsQuantizer grid; more accurate, "
+                             "MatMulNBits reads the zero points)")
     parser.add_argument("--no-kv-cache", action="store_true", help="export a graph without past/present "
                                                                    "key-value tensors")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="float type of the exported graph")
@@ -512,6 +516,8 @@ def run_cli(args: argparse.Namespace) -> int:
         raise ValueError(f"--out must name a .onnx file, got {args.out!r}")
     if args.quant_head and not args.quant:
         raise ValueError("--quant-head needs --quant int8 or --quant int4")
+    if args.asymmetric and args.quant != "int4":
+        raise ValueError("--asymmetric needs --quant int4")
     device = resolve_device(args.device)
     model = load_model(args.model).to(device)
     try:
@@ -521,8 +527,10 @@ def run_cli(args: argparse.Namespace) -> int:
     if args.quant_head and _is_quantized(model) and not _is_quantized(model.get_output_embeddings()):
         raise ValueError(f"--quant-head: {args.model} is already quantized with a float logits head; "
                          "export it without --quant-head, or start from the float model")
+    if args.asymmetric and _is_quantized(model):
+        raise ValueError(f"--asymmetric: {args.model} is already quantized; start from the float model")
     if args.quant and not _is_quantized(model):
-        quantize_for_export(model, args.quant, head=args.quant_head)
+        quantize_for_export(model, args.quant, head=args.quant_head, symmetric=not args.asymmetric)
     path = export_onnx(model, args.out, quant=args.quant, kv_cache=not args.no_kv_cache, dtype=args.dtype,
                        opset=args.opset, tokenizer=tokenizer, onnx_ops=args.onnx_ops)
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
@@ -533,23 +541,26 @@ def _is_quantized(model: nn.Module) -> bool:
     return any(b.dtype in (torch.int8, torch.uint8) for b in model.buffers())
 
 
-def quantize_for_export(model: nn.Module, quant: str, head: bool = False) -> nn.Module:
+def quantize_for_export(model: nn.Module, quant: str, head: bool = False, symmetric: bool = True) -> nn.Module:
     """Quantize ``model`` in place for a ``quant`` export: int8 = W8A8 per output channel,
-    int4 = W4 (per group of 32 input columns) with 8-bit activations. Returns the model.
+    int4 = W4 (per group of 32 input columns) with 8-bit activations; ``symmetric=False`` gives int4
+    a zero point per group (``QuantConfig(symmetric=False)``). Returns the model.
 
     ``head=True`` quantizes the logits head too: decoding reads the whole head for every token, so
     for small models with large vocabularies (SmolLM2: 49152 x 576) it is the largest single read.
     A head tied to the input embedding is untied: the embedding stays float (a row gather).
 
     Raises:
-        ValueError: unknown ``quant``.
+        ValueError: unknown ``quant``, or ``symmetric=False`` with int8.
     """
     from colafx.transform.quantize import QuantConfig, quantize_
 
     if quant not in QUANT_OPS:
         raise ValueError(f"unknown quant {quant!r}; choose 'int8' or 'int4'")
+    if not symmetric and quant != "int4":
+        raise ValueError(f"symmetric=False (zero points) is for int4 exports, got quant={quant!r}")
     config = QuantConfig(weight_bits=8, act_bits=8) if quant == "int8" else \
-        QuantConfig(weight_bits=4, act_bits=8, group_size=32)
+        QuantConfig(weight_bits=4, act_bits=8, group_size=32, symmetric=symmetric)
     quantize_(model, config, filter_fn=(lambda module, fqn: True) if head else None)
     if head and getattr(model.config, "tie_word_embeddings", False):
         model.config.tie_word_embeddings = False  # keep HF from re-tying the new head to the embedding

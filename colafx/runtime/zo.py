@@ -69,6 +69,9 @@ class QuZO:
                     raise ValueError("method='mezo' trains float weights; integer weights need method='quzo'")
                 from colafx.kernels.zo import ZO_QMAX
 
+                if t.zero is not None:
+                    raise ValueError("QuZO cannot train asymmetric int4 weights (zero points): quantize with "
+                                     "QuantConfig(symmetric=True, zo_headroom=True)")
                 if t.qmax is None or t.qmax > ZO_QMAX[t.bits]:
                     raise ValueError(f"QuantLinear with qmax={t.qmax} has no ZO head-room: quantize with "
                                      "QuantConfig(zo_headroom=True)")

@@ -27,7 +27,9 @@ class QuantConfig:
     ``weight_bits`` 8 or 4; ``act_bits`` 8 (per-token int8 activations, integer GEMM) or 16
     (weight-only); ``group_size`` None (one scale per output channel) or a divisor of d_in;
     ``rounding`` "nearest" or "stochastic" (seeded by ``seed``); ``zo_headroom`` keeps weights
-    within ±(qmax − H) for QuZO's bit-exact integer perturbation.
+    within ±(qmax − H) for QuZO's bit-exact integer perturbation. ``symmetric=False`` (int4 only):
+    16 levels over each group's range with an int8 zero point per group, onnxruntime's int4 grid
+    (more accurate for inference and export; QuZO cannot perturb such weights).
     """
 
     weight_bits: int = 8
@@ -36,6 +38,7 @@ class QuantConfig:
     rounding: str = "nearest"
     zo_headroom: bool = False
     seed: int = 0
+    symmetric: bool = True
 
     def __post_init__(self):
         if self.weight_bits not in (8, 4):
@@ -46,6 +49,9 @@ class QuantConfig:
             raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {self.rounding!r}")
         if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size <= 0):
             raise ValueError(f"group_size must be a positive int or None, got {self.group_size!r}")
+        if not self.symmetric and (self.weight_bits != 4 or self.zo_headroom):
+            raise ValueError("symmetric=False (zero points) is for int4 weights without zo_headroom "
+                             f"(got weight_bits={self.weight_bits}, zo_headroom={self.zo_headroom})")
 
     @property
     def qmax(self) -> int:
@@ -57,7 +63,8 @@ class QuantConfig:
 
 
 class QuantLinear(nn.Module):
-    """A linear layer with an int8 or packed-int4 weight (buffers ``qweight``, ``scale``, ``bias``).
+    """A linear layer with an int8 or packed-int4 weight (buffers ``qweight``, ``scale``, ``bias``,
+    and ``zero`` for asymmetric int4: int8 zero points shaped like ``scale``).
 
     ``forward`` runs the quantized matmul op; nothing in it has a gradient (QuZO trains the integer
     weights with forward passes; LoRA adapters can sit on top of it).
@@ -65,10 +72,12 @@ class QuantLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bits: int = 8, act_bits: int = 8,
                  group_size: Optional[int] = None, bias: bool = False, qmax: Optional[int] = None,
-                 device=None):
+                 device=None, zero_point: bool = False):
         super().__init__()
         if bits == 4 and in_features % 2:
             raise ValueError(f"int4 weights need an even d_in, got {in_features}")
+        if zero_point and bits != 4:
+            raise ValueError(f"zero points are for int4 weights, got bits={bits}")
         groups = 1 if group_size is None else in_features // group_size
         if group_size is not None and in_features % group_size:
             raise ValueError(f"group_size {group_size} does not divide d_in {in_features}")
@@ -79,6 +88,8 @@ class QuantLinear(nn.Module):
         self.register_buffer("qweight", torch.zeros(packed, dtype=dtype, device=device))
         self.register_buffer("scale", torch.ones(out_features, groups, dtype=torch.float32, device=device))
         self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
+        self.register_buffer("zero", torch.zeros(out_features, groups, dtype=torch.int8, device=device)
+                             if zero_point else None)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, config: QuantConfig) -> "QuantLinear":
@@ -91,11 +102,14 @@ class QuantLinear(nn.Module):
 
         w = linear.weight.detach()
         module = cls(linear.in_features, linear.out_features, config.weight_bits, config.act_bits,
-                     config.group_size, linear.bias is not None, config.qmax, device=w.device)
+                     config.group_size, linear.bias is not None, None if not config.symmetric else config.qmax,
+                     device=w.device, zero_point=not config.symmetric)
         qw = quantize_weight(w.float(), config.weight_bits, config.group_size, config.rounding,
-                             config.seed, config.qmax)
+                             config.seed, config.qmax, symmetric=config.symmetric)
         module.qweight.copy_(qw.qweight)
         module.scale.copy_(qw.scale)
+        if qw.zero is not None:
+            module.zero.copy_(qw.zero)
         if linear.bias is not None:
             module.bias = linear.bias.detach().float().clone()
         return module
@@ -107,20 +121,21 @@ class QuantLinear(nn.Module):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if self.bits == 8:
             return int8_linear(x, self.qweight, scale, bias, act_bits=self.act_bits)
-        return int4_linear(x, self.qweight, scale, bias, group_size=self.group_size, act_bits=self.act_bits)
+        return int4_linear(x, self.qweight, scale, bias, group_size=self.group_size, act_bits=self.act_bits,
+                           w_zero=self.zero)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float [d_out, d_in] weight this module represents."""
         from colafx.kernels.quant import QuantizedWeight, dequantize_weight
 
         qw = QuantizedWeight(self.qweight, self.scale, self.bits, self.group_size,
-                             torch.Size((self.out_features, self.in_features)))
+                             torch.Size((self.out_features, self.in_features)), self.zero)
         return dequantize_weight(qw, dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"act_bits={self.act_bits}, group_size={self.group_size}, qmax={self.qmax}, "
-                f"bias={self.bias is not None}")
+                f"bias={self.bias is not None}" + (", zero_point=True" if self.zero is not None else ""))
 
 
 def default_filter(model: nn.Module) -> FilterFn:
@@ -176,7 +191,8 @@ def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
 
 def _record(model: nn.Module):
     sites = {fqn: {"in": m.in_features, "out": m.out_features, "bits": m.bits, "act_bits": m.act_bits,
-                   "group_size": m.group_size, "bias": m.bias is not None, "qmax": m.qmax}
+                   "group_size": m.group_size, "bias": m.bias is not None, "qmax": m.qmax,
+                   "zero_point": m.zero is not None}
              for fqn, m in quantized_modules(model).items()}
     return sites or None
 
@@ -186,7 +202,7 @@ def _rebuild(model: nn.Module, sites: dict) -> None:
 
     for fqn, s in sites.items():
         _set_submodule(model, fqn, QuantLinear(s["in"], s["out"], s["bits"], s["act_bits"], s["group_size"],
-                                               s["bias"], s.get("qmax")))
+                                               s["bias"], s.get("qmax"), zero_point=s.get("zero_point", False)))
 
 
 register_transform("quant", _record, _rebuild)

@@ -348,3 +348,61 @@ def test_smollm2_colaified_greedy_generate_matches_pytorch_and_file_shrinks(smol
     assert torch.equal(OnnxCausalLM(path).generate(ids, max_new_tokens=16), expected)
     # projections at rank d/4 hold ~0.41x the dense parameters; embeddings / lm_head are unchanged
     assert path.stat().st_size < 0.6 * dense_path.stat().st_size
+
+
+def _zero_points_of(path):
+    """{node name: uint8 zero points} of the MatMulNBits nodes that read zero points, and every node's op type."""
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path)).graph
+    inits = {t.name: t for t in graph.initializer}
+    nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    return {n.name: numpy_helper.to_array(inits[n.input[3]]) for n in nbits if len(n.input) > 3}, nbits
+
+
+@pytest.mark.parametrize("onnx_ops", ["contrib", "standard"])
+def test_asymmetric_int4_w4a16_export_matches_pytorch(tmp_path, onnx_ops):
+    """Zero points reach the graph: MatMulNBits' packed uint4 zero points (folded to initializers, q/k/v
+    and gate/up still fused), or a subtraction in the in-graph dequantization; W4A16 logits equal
+    PyTorch's up to summation order."""
+    model = presets.build("llama-tiny", seed=0).eval()
+    quantize_(model, QuantConfig(weight_bits=4, act_bits=16, group_size=16, symmetric=False), filter_fn=lambda m, n: True)
+    assert any(bool(m.zero.any()) for m in quantized_modules(model).values())
+    path = export_onnx(model, tmp_path / "m.onnx", quant="int4", onnx_ops=onnx_ops)
+    zero_points, nbits = _zero_points_of(path)
+    if onnx_ops == "contrib":
+        assert len(nbits) == 9 and len(zero_points) == 9  # 2 layers x (qkv, o, gate/up, down) + head
+        assert not {"BitShift", "BitwiseOr", "Pad"} & {op for _, op in _op_types(path)}
+        head = zero_points[nbits[-1].name]
+        z = model.lm_head.zero.numpy().astype(np.int16) + 8  # [512, 4] -> two blocks per byte
+        assert np.array_equal(head, (z[:, 0::2] | (z[:, 1::2] << 4)).astype(np.uint8).reshape(-1))
+    else:
+        assert not nbits
+    ids = _ids((2, 9))
+    np.testing.assert_allclose(OnnxCausalLM(path).forward(ids)[0], _logits(model, ids), atol=1e-4, rtol=0)
+
+
+def test_cli_asymmetric_int4_export_with_quantized_head(tmp_path, capsys):
+    """``colafx export --quant int4 --quant-head --asymmetric``: the PyTorch model quantized the same
+    way (onnxruntime's int4 grid) and the graph agree (MatMulNBits quantizes activations per block of
+    K, the op per token: 3e-2 of the largest |logit|); the flag is refused where it would be ignored."""
+    colafx.save(presets.build("llama-tiny", seed=0, intermediate_size=192), tmp_path / "ckpt")  # 32 | every d_in
+    assert main(["export", "--model", str(tmp_path / "ckpt"), "--out", str(tmp_path / "m.onnx"),
+                 "--quant", "int4", "--quant-head", "--asymmetric"]) == 0
+    reference = quantize_for_export(colafx.load(tmp_path / "ckpt"), "int4", head=True, symmetric=False).eval()
+    assert reference.lm_head.zero is not None
+    zero_points, nbits = _zero_points_of(tmp_path / "m.onnx")
+    assert len(zero_points) == len(nbits) == 9
+    ids = _ids((2, 9))
+    expected = _logits(reference, ids)
+    np.testing.assert_allclose(OnnxCausalLM(tmp_path / "m.onnx").forward(ids)[0], expected,
+                               atol=3e-2 * np.abs(expected).max(), rtol=0)
+    assert main(["export", "--model", str(tmp_path / "ckpt"), "--out", str(tmp_path / "x.onnx"),
+                 "--quant", "int8", "--asymmetric"]) == 1
+    assert "--asymmetric needs --quant int4" in capsys.readouterr().err
+    colafx.save(reference, tmp_path / "quantized")
+    assert main(["export", "--model", str(tmp_path / "quantized"), "--out", str(tmp_path / "y.onnx"),
+                 "--quant", "int4", "--asymmetric"]) == 1
+    assert "already quantized" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="symmetric=False"):
+        quantize_for_export(presets.build("llama-tiny", seed=0), "int8", symmetric=False)

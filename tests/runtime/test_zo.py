@@ -107,6 +107,9 @@ def test_bad_arguments(tiny_model):
         QuZO(targets)
     with pytest.raises(ValueError, match="integer weights need method='quzo'"):
         QuZO([_quant_layer(8)], method="mezo")
+    asymmetric = QuantLinear.from_linear(nn.Linear(64, 48), QuantConfig(weight_bits=4, group_size=32, symmetric=False))
+    with pytest.raises(ValueError, match="cannot train asymmetric int4 weights"):
+        QuZO([asymmetric])
     with pytest.raises(ValueError, match="unknown zeroth-order method"):
         QuZO([torch.zeros(2)], method="sgd")
     with pytest.raises(ValueError, match="no tensors"):

@@ -107,3 +107,39 @@ def test_bad_input_is_a_clear_error(tiny_model):
     quantize_(tiny_model)
     with pytest.raises(ValueError, match="already quantized"):
         quantize_(tiny_model)
+
+
+def test_asymmetric_int4_modules_keep_zero_points_run_them_and_round_trip(tiny_model, tmp_path):
+    """QuantConfig(symmetric=False): every QuantLinear holds int8 zero points per group, runs them
+    (output = x · dequantized weightᵀ), has weights closer to fp32 than symmetric int4 (a finer step:
+    range / 15 instead of 2·absmax / 14), and save / load keeps them."""
+    ids = _ids()
+    dense = {n: m.weight.detach().clone() for n, m in tiny_model.named_modules() if type(m) is nn.Linear}
+    sym = colafx.presets.build("llama-tiny", seed=0)
+    quantize_(sym, QuantConfig(weight_bits=4, act_bits=16, group_size=16))
+    quantize_(tiny_model, QuantConfig(weight_bits=4, act_bits=16, group_size=16, symmetric=False))
+    with torch.no_grad():
+        out = tiny_model(input_ids=ids).logits
+    mods = quantized_modules(tiny_model)
+    assert all(m.zero is not None and m.zero.dtype == torch.int8 and m.zero.shape == m.scale.shape
+               for m in mods.values())
+    assert any(bool(m.zero.any()) for m in mods.values())
+    up = tiny_model.model.layers[0].mlp.up_proj
+    x = torch.randn(3, up.in_features)
+    torch.testing.assert_close(up(x), F.linear(x, up.dequantized_weight()), rtol=1e-5, atol=1e-5)
+    for name, m in mods.items():
+        assert sqnr_db(dense[name], m.dequantized_weight()) > sqnr_db(dense[name], quantized_modules(sym)[name].dequantized_weight())
+    colafx.save(tiny_model, tmp_path)
+    loaded = colafx.load(tmp_path)
+    assert torch.equal(loaded.model.layers[0].mlp.up_proj.zero, up.zero)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, out)
+
+
+def test_asymmetric_needs_int4_without_zo_headroom():
+    with pytest.raises(ValueError, match="symmetric=False"):
+        QuantConfig(weight_bits=8, symmetric=False)
+    with pytest.raises(ValueError, match="symmetric=False"):
+        QuantConfig(weight_bits=4, zo_headroom=True, symmetric=False)
+    with pytest.raises(ValueError, match="zero points are for int4"):
+        QuantLinear(8, 4, bits=8, zero_point=True)
