@@ -1,10 +1,11 @@
 // W4A16 linear for few tokens (decode, short prompts) on the CPU (colafx/kernels/qmatmul.py):
 // y[m, n] = sum_k x[m, k] · (nibble[n, k] - c) · scale[n, k / group_len] (+ bias[n]), accumulated in
 // fp32, for x in fp32 / bf16 / fp16 and a packed int4 weight (byte i of a row holds columns 2i, low
-// nibble, and 2i + 1); a group's centre c is 8 + its zero point (8 for symmetric weights). The weight is read once, as int4, and dequantized in registers. bf16 x on
-// AVX512-BF16 CPUs goes straight into bf16 dot products (namespace bf16dot); otherwise x (few rows)
-// is widened to fp32 once, its columns reordered so that the low and high nibbles of a run of bytes
-// meet contiguous x, for fp32 FMAs.
+// nibble, and 2i + 1); a group's centre c is 8 + its zero point (8 for symmetric weights, a
+// compile-time constant on their path). The weight is read once, as int4, and dequantized in
+// registers. bf16 x on AVX512-BF16 CPUs goes straight into bf16 dot products (namespace bf16dot);
+// otherwise x (few rows) is widened to fp32 once, its columns reordered so that the low and high
+// nibbles of a run of bytes meet contiguous x, for fp32 FMAs.
 #include "ops.h"
 
 #include <ATen/Parallel.h>
@@ -35,12 +36,18 @@ inline V vset(float s) { return _mm512_set1_ps(s); }
 inline V vload(const float* p) { return _mm512_loadu_ps(p); }
 inline V vfma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
 inline float vsum(V a) { return _mm512_reduce_add_ps(a); }
-// the 16 dequantized values (i - c)·s, looked up by vpermps (it reads the low 4 bits of each index)
+// the 16 dequantized values (i - c)·s, looked up by vpermps (it reads the low 4 bits of each index);
+// c = 8 without zero points (Z false), else the group's centre
 using Tab = __m512;
-inline Tab table(float s, int c) {
-  const __m512 i = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  return _mm512_mul_ps(_mm512_sub_ps(i, _mm512_set1_ps(static_cast<float>(c))), _mm512_set1_ps(s));
+template <bool Z>
+inline Tab table(float s, float c) {
+  if constexpr (Z) {
+    const __m512 i = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    return _mm512_mul_ps(_mm512_sub_ps(i, _mm512_set1_ps(c)), _mm512_set1_ps(s));
+  }
+  return _mm512_mul_ps(_mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7), _mm512_set1_ps(s));
 }
+template <bool Z>
 inline void unpack(const uint8_t* p, Tab tab, V& lo, V& hi) {
   const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   lo = _mm512_permutexvar_ps(b, tab);
@@ -59,14 +66,22 @@ inline float vsum(V a) {
   return _mm_cvtss_f32(_mm_add_ss(r, _mm_movehdup_ps(r)));
 }
 struct Tab {
-  __m256 s;
-  __m256i c;
+  __m256 s, c;  // scale, centre (Z)
 };
-inline Tab table(float s, int c) { return {_mm256_set1_ps(s), _mm256_set1_epi32(c)}; }
+template <bool Z>
+inline Tab table(float s, float c) { return {_mm256_set1_ps(s), _mm256_set1_ps(c)}; }
+template <bool Z>
 inline void unpack(const uint8_t* p, const Tab& t, V& lo, V& hi) {
   const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-  lo = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(b, _mm256_set1_epi32(0xF)), t.c)), t.s);
-  hi = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(b, 4), t.c)), t.s);
+  const __m256i l = _mm256_and_si256(b, _mm256_set1_epi32(0xF)), h = _mm256_srli_epi32(b, 4);
+  if constexpr (Z) {  // small integers: the float subtraction is exact
+    lo = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(l), t.c), t.s);
+    hi = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(h), t.c), t.s);
+  } else {
+    const __m256i eight = _mm256_set1_epi32(8);
+    lo = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(l, eight)), t.s);
+    hi = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(h, eight)), t.s);
+  }
 }
 #else
 constexpr int W = 1, MB = 4;
@@ -77,18 +92,16 @@ inline V vload(const float* p) { return *p; }
 inline V vfma(V a, V b, V c) { return a * b + c; }
 inline float vsum(V a) { return a; }
 struct Tab {
-  float s;
-  int32_t c;
+  float s, c;
 };
-inline Tab table(float s, int c) { return {s, c}; }
+template <bool Z>
+inline Tab table(float s, float c) { return {s, Z ? c : 8.f}; }
+template <bool Z>
 inline void unpack(const uint8_t* p, const Tab& t, V& lo, V& hi) {
-  lo = static_cast<float>(static_cast<int32_t>(*p & 0xF) - t.c) * t.s;
-  hi = static_cast<float>(static_cast<int32_t>(*p >> 4) - t.c) * t.s;
+  lo = (static_cast<float>(*p & 0xF) - t.c) * t.s;
+  hi = (static_cast<float>(*p >> 4) - t.c) * t.s;
 }
 #endif
-// the nibble that stands for 0 in group i: 8 + its zero point (8 without zero points)
-inline int centre(const int8_t* zeros, int64_t i) { return zeros ? 8 + zeros[i] : 8; }
-
 constexpr int64_t CHUNK = 2 * W;  // columns per unpack: W bytes
 
 constexpr int64_t KB = 512;   // columns per block: a token block of x (MB·KB fp32) stays in L1
@@ -97,8 +110,8 @@ constexpr int64_t ROWS = 32;  // weight rows per tile: read from memory once for
 // acc[t, n] += the partial sums over columns [k0, k1) for rows [n, n + R) and T tokens of xr (fp32
 // [T, K], reordered: in every CHUNK of columns the even ones first, then the odd ones). R rows at
 // once: R·T independent accumulators hide the FMA latency and share the loads of x.
-template <int T, int R>
-void rows(const float* xr, const uint8_t* w, const float* scales, const int8_t* zeros, float* acc, int64_t n, int64_t k0, int64_t k1,
+template <int T, int R, bool Z>
+void rows(const float* xr, const uint8_t* w, const float* scales, const float* centres, float* acc, int64_t n, int64_t k0, int64_t k1,
           int64_t k, int64_t groups, int64_t n_total) {
   const int64_t group_len = k / groups;
   V a[R][T];
@@ -107,10 +120,10 @@ void rows(const float* xr, const uint8_t* w, const float* scales, const int8_t* 
   for (int64_t col = k0, g = k0 / group_len; col < k1; ++g) {
     const int64_t end = std::min(k1, (g + 1) * group_len);
     Tab tab[R];
-    for (int r = 0; r < R; ++r) tab[r] = table(scales[(n + r) * groups + g], centre(zeros, (n + r) * groups + g));
+    for (int r = 0; r < R; ++r) tab[r] = table<Z>(scales[(n + r) * groups + g], Z ? centres[(n + r) * groups + g] : 0.f);
     for (; col < end; col += CHUNK) {
       V lo[R], hi[R];
-      for (int r = 0; r < R; ++r) unpack(w + (n + r) * (k / 2) + col / 2, tab[r], lo[r], hi[r]);
+      for (int r = 0; r < R; ++r) unpack<Z>(w + (n + r) * (k / 2) + col / 2, tab[r], lo[r], hi[r]);
       for (int t = 0; t < T; ++t) {
         const V xe = vload(xr + t * k + col), xo = vload(xr + t * k + col + W);
         for (int r = 0; r < R; ++r) a[r][t] = vfma(xo, hi[r], vfma(xe, lo[r], a[r][t]));
@@ -122,35 +135,49 @@ void rows(const float* xr, const uint8_t* w, const float* scales, const int8_t* 
 }
 
 template <int T>
-void block(const float* xr, const uint8_t* w, const float* scales, const int8_t* zeros, float* acc, int64_t n0, int64_t n1, int64_t k0,
+void block(const float* xr, const uint8_t* w, const float* scales, const float* centres, float* acc, int64_t n0, int64_t n1, int64_t k0,
            int64_t k1, int64_t k, int64_t groups, int64_t n_total) {
   constexpr int R = T >= MB ? 2 : 4;
   int64_t n = n0;
-  for (; n + R <= n1; n += R) rows<T, R>(xr, w, scales, zeros, acc, n, k0, k1, k, groups, n_total);
-  for (; n < n1; ++n) rows<T, 1>(xr, w, scales, zeros, acc, n, k0, k1, k, groups, n_total);
+  if (centres) {
+    for (; n + R <= n1; n += R) rows<T, R, true>(xr, w, scales, centres, acc, n, k0, k1, k, groups, n_total);
+    for (; n < n1; ++n) rows<T, 1, true>(xr, w, scales, centres, acc, n, k0, k1, k, groups, n_total);
+    return;
+  }
+  for (; n + R <= n1; n += R) rows<T, R, false>(xr, w, scales, nullptr, acc, n, k0, k1, k, groups, n_total);
+  for (; n < n1; ++n) rows<T, 1, false>(xr, w, scales, nullptr, acc, n, k0, k1, k, groups, n_total);
 }
 
 template <int T>
-void tokens(const float* xr, const uint8_t* w, const float* scales, const int8_t* zeros, float* acc, int64_t n0, int64_t n1, int64_t k0,
+void tokens(const float* xr, const uint8_t* w, const float* scales, const float* centres, float* acc, int64_t n0, int64_t n1, int64_t k0,
             int64_t k1, int64_t k, int64_t groups, int64_t n_total, int64_t t) {
   if constexpr (T > 1) {
-    if (t < T) return tokens<T - 1>(xr, w, scales, zeros, acc, n0, n1, k0, k1, k, groups, n_total, t);
+    if (t < T) return tokens<T - 1>(xr, w, scales, centres, acc, n0, n1, k0, k1, k, groups, n_total, t);
   }
-  block<T>(xr, w, scales, zeros, acc, n0, n1, k0, k1, k, groups, n_total);
+  block<T>(xr, w, scales, centres, acc, n0, n1, k0, k1, k, groups, n_total);
 }
 
 // The loops both kernels share: tiles of ROWS weight rows over the threads; in each tile, blocks of
-// kb columns and of tb tokens, each handed to sums(t0, tokens, n0, n1, k0, k1), which adds into the
-// fp32 acc [M, N]; then out = acc (+ bias) in out's dtype, rounded once.
+// kb columns and of tb tokens, each handed to sums(t0, tokens, n0, n1, k0, k1, centres), which adds
+// into the fp32 acc [M, N]; then out = acc (+ bias) in out's dtype, rounded once. With zero points
+// (int8 [N, G]), centres holds the tile's 8 + zero as floats ([n1 - n0, G], converted once per
+// tile, not per group and row in the inner loop); else it is null.
 template <typename O, typename Sums>
-void tiled(const float* bias, float* acc, O* out, int64_t m, int64_t n, int64_t k, int64_t kb, int64_t tb,
-           const Sums& sums) {
+void tiled(const float* bias, const int8_t* zeros, int64_t groups, float* acc, O* out, int64_t m, int64_t n, int64_t k,
+           int64_t kb, int64_t tb, const Sums& sums) {
   at::parallel_for(0, n, ROWS, [&](int64_t begin, int64_t end) {
+    std::vector<float> tile_centres(zeros ? ROWS * groups : 0);
     for (int64_t n0 = begin; n0 < end; n0 += ROWS) {
       const int64_t n1 = std::min(end, n0 + ROWS);
+      const float* centres = nullptr;
+      if (zeros) {
+        for (int64_t i = 0; i < (n1 - n0) * groups; ++i) tile_centres[i] = 8.f + static_cast<float>(zeros[n0 * groups + i]);
+        centres = tile_centres.data();
+      }
       for (int64_t t = 0; t < m; ++t) std::fill(acc + t * n + n0, acc + t * n + n1, 0.f);
       for (int64_t k0 = 0; k0 < k; k0 += kb)
-        for (int64_t t0 = 0; t0 < m; t0 += tb) sums(t0, std::min(tb, m - t0), n0, n1, k0, std::min(k, k0 + kb));
+        for (int64_t t0 = 0; t0 < m; t0 += tb)
+          sums(t0, std::min(tb, m - t0), n0, n1, k0, std::min(k, k0 + kb), centres);
       for (int64_t t = 0; t < m; ++t)
         for (int64_t j = n0; j < n1; ++j) out[t * n + j] = static_cast<O>(bias ? acc[t * n + j] + bias[j] : acc[t * n + j]);
     }
@@ -161,9 +188,12 @@ void tiled(const float* bias, float* acc, O* out, int64_t m, int64_t n, int64_t 
 template <typename O>
 void linear(const float* xr, const uint8_t* w, const float* scales, const int8_t* zeros, const float* bias, float* acc, O* out, int64_t m,
             int64_t n, int64_t k, int64_t groups) {
-  tiled(bias, acc, out, m, n, k, KB, MB, [&](int64_t t0, int64_t t, int64_t n0, int64_t n1, int64_t k0, int64_t k1) {
-    tokens<MB>(xr + t0 * k, w, scales, zeros, acc + t0 * n, n0, n1, k0, k1, k, groups, n, t);
-  });
+  tiled(bias, zeros, groups, acc, out, m, n, k, KB, MB,
+        [&](int64_t t0, int64_t t, int64_t n0, int64_t n1, int64_t k0, int64_t k1, const float* centres) {
+          // rows counted from the tile's first, as its centres are
+          tokens<MB>(xr + t0 * k, w + n0 * (k / 2), scales + n0 * groups, centres, acc + t0 * n + n0, 0, n1 - n0, k0, k1,
+                     k, groups, n, t);
+        });
 }
 
 #if COLAFX_BF16_DOT
@@ -174,9 +204,11 @@ void linear(const float* xr, const uint8_t* w, const float* scales, const int8_t
 #define COLAFX_BF16 __attribute__((target("avx512f,avx512bw,avx512bf16")))
 namespace bf16dot {
 
-COLAFX_BF16 inline __m512i table(float s, int c) {  // bf16 (i - c)·s in the low 16 of the 32 words
+template <bool Z>
+COLAFX_BF16 inline __m512i table(float s, float c) {  // bf16 (i - c)·s in the low 16 of the 32 words (c = 8: !Z)
   const __m512 i = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512 v = _mm512_mul_ps(_mm512_sub_ps(i, _mm512_set1_ps(static_cast<float>(c))), _mm512_set1_ps(s));
+  const __m512 v = Z ? _mm512_mul_ps(_mm512_sub_ps(i, _mm512_set1_ps(c)), _mm512_set1_ps(s))
+                     : _mm512_mul_ps(_mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7), _mm512_set1_ps(s));
   return _mm512_castsi256_si512(reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
 }
 
@@ -186,8 +218,8 @@ COLAFX_BF16 inline __m512bh pairs(const uint8_t* p, __m512i tab) {  // 16 bytes 
   return reinterpret_cast<__m512bh>(_mm512_permutexvar_epi16(idx, tab));
 }
 
-template <int T, int R>
-COLAFX_BF16 void rows(const uint16_t* x, const uint8_t* w, const float* scales, const int8_t* zeros, float* acc, int64_t n, int64_t k0,
+template <int T, int R, bool Z>
+COLAFX_BF16 void rows(const uint16_t* x, const uint8_t* w, const float* scales, const float* centres, float* acc, int64_t n, int64_t k0,
                       int64_t k1, int64_t k, int64_t groups, int64_t n_total) {
   const int64_t group_len = k / groups;
   __m512 a[R][T];
@@ -196,7 +228,7 @@ COLAFX_BF16 void rows(const uint16_t* x, const uint8_t* w, const float* scales, 
   for (int64_t col = k0, g = k0 / group_len; col < k1; ++g) {
     const int64_t end = std::min(k1, (g + 1) * group_len);
     __m512i tab[R];
-    for (int r = 0; r < R; ++r) tab[r] = table(scales[(n + r) * groups + g], centre(zeros, (n + r) * groups + g));
+    for (int r = 0; r < R; ++r) tab[r] = table<Z>(scales[(n + r) * groups + g], Z ? centres[(n + r) * groups + g] : 0.f);
     for (; col < end; col += 32) {
       __m512bh wv[R];
       for (int r = 0; r < R; ++r) wv[r] = pairs(w + (n + r) * (k / 2) + col / 2, tab[r]);
@@ -211,30 +243,37 @@ COLAFX_BF16 void rows(const uint16_t* x, const uint8_t* w, const float* scales, 
 }
 
 template <int T>
-COLAFX_BF16 void block(const uint16_t* x, const uint8_t* w, const float* scales, const int8_t* zeros, float* acc, int64_t n0, int64_t n1,
+COLAFX_BF16 void block(const uint16_t* x, const uint8_t* w, const float* scales, const float* centres, float* acc, int64_t n0, int64_t n1,
                        int64_t k0, int64_t k1, int64_t k, int64_t groups, int64_t n_total) {
   constexpr int R = T >= 8 ? 2 : 4;
   int64_t n = n0;
-  for (; n + R <= n1; n += R) rows<T, R>(x, w, scales, zeros, acc, n, k0, k1, k, groups, n_total);
-  for (; n < n1; ++n) rows<T, 1>(x, w, scales, zeros, acc, n, k0, k1, k, groups, n_total);
+  if (centres) {
+    for (; n + R <= n1; n += R) rows<T, R, true>(x, w, scales, centres, acc, n, k0, k1, k, groups, n_total);
+    for (; n < n1; ++n) rows<T, 1, true>(x, w, scales, centres, acc, n, k0, k1, k, groups, n_total);
+    return;
+  }
+  for (; n + R <= n1; n += R) rows<T, R, false>(x, w, scales, nullptr, acc, n, k0, k1, k, groups, n_total);
+  for (; n < n1; ++n) rows<T, 1, false>(x, w, scales, nullptr, acc, n, k0, k1, k, groups, n_total);
 }
 
 template <int T>
-COLAFX_BF16 void tokens(const uint16_t* x, const uint8_t* w, const float* scales, const int8_t* zeros, float* acc, int64_t n0, int64_t n1,
+COLAFX_BF16 void tokens(const uint16_t* x, const uint8_t* w, const float* scales, const float* centres, float* acc, int64_t n0, int64_t n1,
                         int64_t k0, int64_t k1, int64_t k, int64_t groups, int64_t n_total, int64_t t) {
   if constexpr (T > 1) {
-    if (t < T) return tokens<T - 1>(x, w, scales, zeros, acc, n0, n1, k0, k1, k, groups, n_total, t);
+    if (t < T) return tokens<T - 1>(x, w, scales, centres, acc, n0, n1, k0, k1, k, groups, n_total, t);
   }
-  block<T>(x, w, scales, zeros, acc, n0, n1, k0, k1, k, groups, n_total);
+  block<T>(x, w, scales, centres, acc, n0, n1, k0, k1, k, groups, n_total);
 }
 
 void linear(const uint16_t* x, const uint8_t* w, const float* scales, const int8_t* zeros, const float* bias, float* acc,
             at::BFloat16* out, int64_t m, int64_t n, int64_t k, int64_t groups) {
   constexpr int TB = 8;
   // bf16 x: twice the columns of the fp32 kernel in the same bytes of L1
-  tiled(bias, acc, out, m, n, k, 2 * KB, TB, [&](int64_t t0, int64_t t, int64_t n0, int64_t n1, int64_t k0, int64_t k1) {
-    tokens<TB>(x + t0 * k, w, scales, zeros, acc + t0 * n, n0, n1, k0, k1, k, groups, n, t);
-  });
+  tiled(bias, zeros, groups, acc, out, m, n, k, 2 * KB, TB,
+        [&](int64_t t0, int64_t t, int64_t n0, int64_t n1, int64_t k0, int64_t k1, const float* centres) {
+          tokens<TB>(x + t0 * k, w + n0 * (k / 2), scales + n0 * groups, centres, acc + t0 * n + n0, 0, n1 - n0, k0, k1, k,
+                     groups, n, t);
+        });
 }
 
 }  // namespace bf16dot
