@@ -3,7 +3,8 @@ onnxruntime's own quantizers applied to the same fp32 export.
 
 colafx variants (``colafx.export_onnx``, KV cache): dense fp32, cola (CoLA fp32), int8 / int4
 (fp32 logits head), int8-head / int4-head (head quantized too, untied from the embedding, which
-stays fp32). Quantized linears are onnxruntime's fused ``com.microsoft::MatMulNBits`` (the default
+stays fp32), int4-head-asym (asymmetric int4, ``--asymmetric``: onnxruntime's int4 grid with a zero
+point per block, which MatMulNBits reads). Quantized linears are onnxruntime's fused ``com.microsoft::MatMulNBits`` (the default
 ``onnx_ops="contrib"``); a ``-std`` suffix exports them with standard ai.onnx operators instead
 (int8: the op's exact per-token quantization + ``MatMulInteger``, ~14 nodes per linear), a ``-vnni``
 suffix with ``onnx_ops="contrib-vnni"`` (int8: the op's per-token codes through
@@ -48,13 +49,13 @@ from colafx.runtime.device import cpu_features, environment
 from colafx.runtime.export import OnnxCausalLM, export_onnx, meta_path, onnxruntime_u8s8_exact, quantize_for_export
 from colafx.runtime.models import load_model, load_tokenizer
 
-COLAFX = ("dense", "cola", "int8", "int8-head", "int4", "int4-head", "int8-std", "int8-head-std", "int4-head-std",
-          "int8-vnni", "int8-head-vnni")
+COLAFX = ("dense", "cola", "int8", "int8-head", "int4", "int4-head", "int4-head-asym", "int8-std", "int8-head-std",
+          "int4-head-std", "int8-vnni", "int8-head-vnni")
 ONNX_OPS_SUFFIX = {"-std": "standard", "-vnni": "contrib-vnni"}
 ORT = ("ort-u8", "ort-u8-rr", "ort-s8-pc", "ort-int4")
 VARIANTS = COLAFX + ORT
 DEFAULT = ("dense", "int8", "int8-head", "int8-head-std", *(("int8-head-vnni",) if onnxruntime_u8s8_exact() else ()),
-           "int4-head", *ORT)
+           "int4-head", "int4-head-asym", *ORT)
 PROMPT = "The capital of France is"
 
 
@@ -101,7 +102,7 @@ def build_variant(base: torch.nn.Module, name: str, rank: float) -> torch.nn.Mod
     if name == "cola":
         colafx.colaify(model, rank=rank, init="svd")
     elif name.startswith("int"):
-        quantize_for_export(model, name[:4], head="-head" in name)
+        quantize_for_export(model, name[:4], head="-head" in name, symmetric="-asym" not in name)
     return model.eval()
 
 
