@@ -458,3 +458,24 @@ def is_prepared(source) -> bool:
     if isinstance(source, (list, tuple)) and len(source) == 1:
         source = source[0]
     return isinstance(source, (str, os.PathLike)) and (Path(source) / "index.json").is_file()
+
+
+def calibration_ids(source, tokenizer, tokens: int = 8192, window: int = 256) -> torch.Tensor:
+    """The first ``tokens`` tokens of ``source`` (anything :func:`read_texts` reads) as ids
+    [tokens // window, window], for GPTQ calibration; documents are read until enough tokens.
+
+    Raises:
+        FileNotFoundError / ValueError: as :func:`read_texts`; ValueError for fewer than ``window``
+            tokens or non-positive sizes.
+    """
+    if tokens < 1 or window < 1:
+        raise ValueError(f"tokens and window must be positive, got {tokens} and {window}")
+    ids: list[int] = []
+    for doc in read_texts(source):
+        ids += encode([doc[: 8 * (tokens - len(ids)) + 1024]], tokenizer)[0]  # ~4 characters a token
+        if len(ids) >= tokens:
+            break
+    if len(ids) < window:
+        raise ValueError(f"the calibration text holds {len(ids)} tokens, fewer than one window of {window}")
+    n = min(len(ids), tokens) // window
+    return torch.tensor(ids[: n * window], dtype=torch.long).view(n, window)

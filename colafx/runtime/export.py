@@ -491,6 +491,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --quant int4: asymmetric int4, 16 levels over each group's range and a zero "
                              "point per group (onnxruntime's MatMulNBitsQuantizer grid; more accurate, "
                              "MatMulNBits reads the zero points)")
+    parser.add_argument("--gptq", metavar="TEXT", default=None,
+                        help="with --quant: GPTQ weights (each linear's output error minimised on this text: a "
+                             "file, folder or hf: source; no network unless it names a hub dataset) instead of "
+                             "round-to-nearest; same format and speed")
+    parser.add_argument("--calibration-tokens", type=int, default=8192,
+                        help="with --gptq: tokens of the text used, in windows of 256")
     parser.add_argument("--no-kv-cache", action="store_true", help="export a graph without past/present "
                                                                    "key-value tensors")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="float type of the exported graph")
@@ -518,6 +524,8 @@ def run_cli(args: argparse.Namespace) -> int:
         raise ValueError("--quant-head needs --quant int8 or --quant int4")
     if args.asymmetric and args.quant != "int4":
         raise ValueError("--asymmetric needs --quant int4")
+    if args.gptq and not args.quant:
+        raise ValueError("--gptq needs --quant int8 or --quant int4")
     device = resolve_device(args.device)
     model = load_model(args.model).to(device)
     try:
@@ -527,10 +535,19 @@ def run_cli(args: argparse.Namespace) -> int:
     if args.quant_head and _is_quantized(model) and not _is_quantized(model.get_output_embeddings()):
         raise ValueError(f"--quant-head: {args.model} is already quantized with a float logits head; "
                          "export it without --quant-head, or start from the float model")
-    if args.asymmetric and _is_quantized(model):
-        raise ValueError(f"--asymmetric: {args.model} is already quantized; start from the float model")
+    for flag, used in (("--asymmetric", args.asymmetric), ("--gptq", args.gptq)):
+        if used and _is_quantized(model):
+            raise ValueError(f"{flag}: {args.model} is already quantized; start from the float model")
     if args.quant and not _is_quantized(model):
-        quantize_for_export(model, args.quant, head=args.quant_head, symmetric=not args.asymmetric)
+        calibration = None
+        if args.gptq:
+            from colafx.runtime.data import calibration_ids
+
+            if tokenizer is None:
+                raise ValueError(f"--gptq: {args.model} has no tokenizer to read the calibration text with")
+            calibration = calibration_ids(args.gptq, tokenizer, args.calibration_tokens).to(device)
+        quantize_for_export(model, args.quant, head=args.quant_head, symmetric=not args.asymmetric,
+                            calibration=calibration)
     path = export_onnx(model, args.out, quant=args.quant, kv_cache=not args.no_kv_cache, dtype=args.dtype,
                        opset=args.opset, tokenizer=tokenizer, onnx_ops=args.onnx_ops)
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
@@ -541,10 +558,12 @@ def _is_quantized(model: nn.Module) -> bool:
     return any(b.dtype in (torch.int8, torch.uint8) for b in model.buffers())
 
 
-def quantize_for_export(model: nn.Module, quant: str, head: bool = False, symmetric: bool = True) -> nn.Module:
+def quantize_for_export(model: nn.Module, quant: str, head: bool = False, symmetric: bool = True,
+                        calibration=None) -> nn.Module:
     """Quantize ``model`` in place for a ``quant`` export: int8 = W8A8 per output channel,
     int4 = W4 (per group of 32 input columns) with 8-bit activations; ``symmetric=False`` gives int4
-    a zero point per group (``QuantConfig(symmetric=False)``). Returns the model.
+    a zero point per group (``QuantConfig(symmetric=False)``); ``calibration`` (token ids [batch,
+    seq]) picks the levels with GPTQ instead of rounding to nearest. Returns the model.
 
     ``head=True`` quantizes the logits head too: decoding reads the whole head for every token, so
     for small models with large vocabularies (SmolLM2: 49152 x 576) it is the largest single read.
@@ -559,9 +578,10 @@ def quantize_for_export(model: nn.Module, quant: str, head: bool = False, symmet
         raise ValueError(f"unknown quant {quant!r}; choose 'int8' or 'int4'")
     if not symmetric and quant != "int4":
         raise ValueError(f"symmetric=False (zero points) is for int4 exports, got quant={quant!r}")
-    config = QuantConfig(weight_bits=8, act_bits=8) if quant == "int8" else \
-        QuantConfig(weight_bits=4, act_bits=8, group_size=32, symmetric=symmetric)
-    quantize_(model, config, filter_fn=(lambda module, fqn: True) if head else None)
+    algorithm = "rtn" if calibration is None else "gptq"
+    config = QuantConfig(weight_bits=8, act_bits=8, algorithm=algorithm) if quant == "int8" else \
+        QuantConfig(weight_bits=4, act_bits=8, group_size=32, symmetric=symmetric, algorithm=algorithm)
+    quantize_(model, config, filter_fn=(lambda module, fqn: True) if head else None, calibration=calibration)
     if head and getattr(model.config, "tie_word_embeddings", False):
         model.config.tie_word_embeddings = False  # keep HF from re-tying the new head to the embedding
     return model

@@ -29,7 +29,10 @@ class QuantConfig:
     ``rounding`` "nearest" or "stochastic" (seeded by ``seed``); ``zo_headroom`` keeps weights
     within ±(qmax − H) for QuZO's bit-exact integer perturbation. ``symmetric=False`` (int4 only):
     16 levels over each group's range with an int8 zero point per group, onnxruntime's int4 grid
-    (more accurate for inference and export; QuZO cannot perturb such weights).
+    (more accurate for inference and export; QuZO cannot perturb such weights). ``algorithm``
+    "rtn" rounds each weight to its nearest level; "gptq" (:mod:`colafx.transform.gptq`) picks the
+    levels that minimise each linear's output error on calibration token ids passed to
+    :func:`quantize_` (same format and kernels, so the same speed).
     """
 
     weight_bits: int = 8
@@ -39,6 +42,7 @@ class QuantConfig:
     zo_headroom: bool = False
     seed: int = 0
     symmetric: bool = True
+    algorithm: str = "rtn"
 
     def __post_init__(self):
         if self.weight_bits not in (8, 4):
@@ -49,6 +53,10 @@ class QuantConfig:
             raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {self.rounding!r}")
         if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size <= 0):
             raise ValueError(f"group_size must be a positive int or None, got {self.group_size!r}")
+        if self.algorithm not in ("rtn", "gptq"):
+            raise ValueError(f"algorithm must be 'rtn' or 'gptq', got {self.algorithm!r}")
+        if self.algorithm == "gptq" and self.rounding != "nearest":
+            raise ValueError("algorithm='gptq' chooses each level itself; it takes rounding='nearest'")
         if not self.symmetric and (self.weight_bits != 4 or self.zo_headroom):
             raise ValueError("symmetric=False (zero points) is for int4 weights without zo_headroom "
                              f"(got weight_bits={self.weight_bits}, zo_headroom={self.zo_headroom})")
@@ -92,8 +100,9 @@ class QuantLinear(nn.Module):
                              if zero_point else None)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, config: QuantConfig) -> "QuantLinear":
-        """Quantize ``linear``'s weight with ``config`` (the bias stays float).
+    def from_linear(cls, linear: nn.Linear, config: QuantConfig, quantized=None) -> "QuantLinear":
+        """Quantize ``linear``'s weight with ``config`` (the bias stays float), or take its
+        already quantized form ``quantized`` (a ``QuantizedWeight``, e.g. from GPTQ).
 
         Raises:
             ValueError: int4 with an odd d_in, or a group size that does not divide d_in.
@@ -104,8 +113,8 @@ class QuantLinear(nn.Module):
         module = cls(linear.in_features, linear.out_features, config.weight_bits, config.act_bits,
                      config.group_size, linear.bias is not None, None if not config.symmetric else config.qmax,
                      device=w.device, zero_point=not config.symmetric)
-        qw = quantize_weight(w.float(), config.weight_bits, config.group_size, config.rounding,
-                             config.seed, config.qmax, symmetric=config.symmetric)
+        qw = quantized or quantize_weight(w.float(), config.weight_bits, config.group_size, config.rounding,
+                                          config.seed, config.qmax, symmetric=config.symmetric)
         module.qweight.copy_(qw.qweight)
         module.scale.copy_(qw.scale)
         if qw.zero is not None:
@@ -147,14 +156,18 @@ def default_filter(model: nn.Module) -> FilterFn:
     return keep
 
 
-def quantize_(model: nn.Module, config: QuantConfig | None = None, filter_fn: FilterFn | None = None) -> nn.Module:
+def quantize_(model: nn.Module, config: QuantConfig | None = None, filter_fn: FilterFn | None = None,
+              calibration=None) -> nn.Module:
     """Replace the ``nn.Linear`` modules that ``filter_fn(module, fqn)`` accepts by
     :class:`QuantLinear` in place (default filter: all but the logits head); returns ``model``.
+    ``calibration``: token ids for ``QuantConfig(algorithm="gptq")`` — a LongTensor [batch, seq]
+    or an iterable of them (a few thousand tokens of text like the model's use).
 
     Raises:
-        ValueError: the model is already quantized, no linear layer matches, or a layer cannot be
+        ValueError: the model is already quantized, no linear layer matches, a layer cannot be
             quantized with ``config`` (odd d_in for int4, group size not dividing d_in) — checked
-            for every layer before anything changes.
+            for every layer before anything changes — or GPTQ without calibration tokens (or
+            calibration given to round-to-nearest).
     """
     from colafx.transform.colaify import _set_submodule
 
@@ -172,8 +185,20 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None, filter_fn: Fi
             raise ValueError(f"{fqn}: group_size {config.group_size} does not divide d_in {m.in_features}")
         if m.weight.device.type == "meta":
             raise ValueError(f"{fqn}: cannot quantize weights on the meta device")
+    if config.algorithm == "gptq" and calibration is None:
+        raise ValueError("algorithm='gptq' needs calibration token ids: quantize_(model, config, calibration=ids)")
+    if config.algorithm != "gptq" and calibration is not None:
+        raise ValueError("calibration is only used by QuantConfig(algorithm='gptq')")
+    quantized = {}
+    if config.algorithm == "gptq":
+        from colafx.transform.gptq import collect_hessians, gptq_quantize_weight
+
+        hessians = collect_hessians(model, dict(sites), calibration)
+        quantized = {fqn: gptq_quantize_weight(m.weight.float(), hessians[fqn], config.weight_bits, config.group_size,
+                                               config.symmetric, config.qmax) for fqn, m in sites}
+        del hessians
     for fqn, m in sites:
-        _set_submodule(model, fqn, QuantLinear.from_linear(m, config))
+        _set_submodule(model, fqn, QuantLinear.from_linear(m, config, quantized.get(fqn)))
     return model
 
 

@@ -128,3 +128,17 @@ def test_block_stream_epochs_and_rank_shards():
         assert torch.equal(shards, D.BlockStream(blocks, seed=1).batch(step, 4))
     with pytest.raises(ValueError, match="not divisible"):
         stream.batch(0, 3, rank=0, world=2)
+
+
+def test_calibration_ids_take_the_first_tokens_in_windows(tmp_path, tokenizer):
+    (tmp_path / "a.txt").write_text("\n\n".join(TEXTS * 20))
+    ids = D.calibration_ids(tmp_path / "a.txt", tokenizer, tokens=100, window=32)
+    assert ids.shape == (3, 32) and ids.dtype == torch.long
+    expected = D.encode(["\n\n".join(TEXTS * 20)], tokenizer)[0][:96]
+    assert ids.flatten().tolist() == expected
+    with pytest.raises(ValueError, match="fewer than one window"):
+        D.calibration_ids([{"text": "a b"}], tokenizer, tokens=100, window=64)
+    with pytest.raises(ValueError, match="must be positive"):
+        D.calibration_ids(tmp_path / "a.txt", tokenizer, tokens=0)
+    with pytest.raises(FileNotFoundError):
+        D.calibration_ids(tmp_path / "missing.txt", tokenizer)

@@ -406,3 +406,41 @@ def test_cli_asymmetric_int4_export_with_quantized_head(tmp_path, capsys):
     assert "already quantized" in capsys.readouterr().err
     with pytest.raises(ValueError, match="symmetric=False"):
         quantize_for_export(presets.build("llama-tiny", seed=0), "int8", symmetric=False)
+
+
+def test_cli_gptq_export_is_calibrated_on_the_given_text(tmp_path, capsys, docs, tokenizer_dir):
+    """``--gptq TEXT``: the graph holds GPTQ weights (the PyTorch model quantized with the same
+    calibration ids agrees with it), in the asymmetric int4 format; refused without --quant, for a
+    checkpoint without a tokenizer, and for a missing file."""
+    from transformers import AutoTokenizer
+
+    from colafx.runtime.data import calibration_ids
+
+    folder = tmp_path / "ckpt"
+    colafx.save(presets.build("llama-tiny", seed=0, intermediate_size=192), folder)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer.save_pretrained(folder / "tokenizer")
+    (tmp_path / "calib.txt").write_text("\n\n".join(docs[:20]))
+    assert main(["export", "--model", str(folder), "--out", str(tmp_path / "m.onnx"), "--quant", "int4",
+                 "--asymmetric", "--gptq", str(tmp_path / "calib.txt"), "--calibration-tokens", "1024"]) == 0
+    ids = calibration_ids(tmp_path / "calib.txt", tokenizer, 1024)
+    assert ids.shape == (4, 256)
+    reference = quantize_for_export(colafx.load(folder), "int4", symmetric=False, calibration=ids).eval()
+    rtn = quantize_for_export(colafx.load(folder), "int4", symmetric=False)
+    assert not torch.equal(reference.model.layers[0].mlp.up_proj.qweight, rtn.model.layers[0].mlp.up_proj.qweight)
+    zero_points, nbits = _zero_points_of(tmp_path / "m.onnx")
+    assert len(zero_points) == len(nbits) == 8  # the head stays fp32
+    test_ids = _ids((2, 9))
+    expected = _logits(reference, test_ids)
+    np.testing.assert_allclose(OnnxCausalLM(tmp_path / "m.onnx").forward(test_ids)[0], expected,
+                               atol=3e-2 * np.abs(expected).max(), rtol=0)
+    assert main(["export", "--model", str(folder), "--out", str(tmp_path / "x.onnx"), "--gptq", "c.txt"]) == 1
+    assert "--gptq needs --quant" in capsys.readouterr().err
+    colafx.save(presets.build("llama-tiny", seed=0, intermediate_size=192), tmp_path / "bare")
+    assert main(["export", "--model", str(tmp_path / "bare"), "--out", str(tmp_path / "y.onnx"), "--quant", "int4",
+                 "--gptq", str(tmp_path / "calib.txt")]) == 1
+    assert "has no tokenizer" in capsys.readouterr().err
+    assert main(["export", "--model", str(folder), "--out", str(tmp_path / "z.onnx"), "--quant", "int4",
+                 "--gptq", str(tmp_path / "missing.txt")]) == 1
+    assert "missing.txt" in capsys.readouterr().err
+    assert not (tmp_path / "z.onnx").exists()
