@@ -4,7 +4,9 @@ onnxruntime's own quantizers applied to the same fp32 export.
 colafx variants (``colafx.export_onnx``, KV cache): dense fp32, cola (CoLA fp32), int8 / int4
 (fp32 logits head), int8-head / int4-head (head quantized too, untied from the embedding, which
 stays fp32), int4-head-asym (asymmetric int4, ``--asymmetric``: onnxruntime's int4 grid with a zero
-point per block, which MatMulNBits reads). Quantized linears are onnxruntime's fused ``com.microsoft::MatMulNBits`` (the default
+point per block, which MatMulNBits reads), int4-head-asym-gptq (the same format with GPTQ weights,
+``--gptq``, calibrated on ``--calibration-tokens`` tokens of WikiText-2 *train*, held out from the
+test text the accuracy is measured on). Quantized linears are onnxruntime's fused ``com.microsoft::MatMulNBits`` (the default
 ``onnx_ops="contrib"``); a ``-std`` suffix exports them with standard ai.onnx operators instead
 (int8: the op's exact per-token quantization + ``MatMulInteger``, ~14 nodes per linear), a ``-vnni``
 suffix with ``onnx_ops="contrib-vnni"`` (int8: the op's per-token codes through
@@ -47,15 +49,16 @@ import colafx
 from colafx.files import atomic_write_bytes, atomic_write_json
 from colafx.runtime.device import cpu_features, environment
 from colafx.runtime.export import OnnxCausalLM, export_onnx, meta_path, onnxruntime_u8s8_exact, quantize_for_export
+from colafx.runtime.data import calibration_ids
 from colafx.runtime.models import load_model, load_tokenizer
 
-COLAFX = ("dense", "cola", "int8", "int8-head", "int4", "int4-head", "int4-head-asym", "int8-std", "int8-head-std",
-          "int4-head-std", "int8-vnni", "int8-head-vnni")
+COLAFX = ("dense", "cola", "int8", "int8-head", "int4", "int4-head", "int4-head-asym", "int4-head-asym-gptq", "int8-std",
+          "int8-head-std", "int4-head-std", "int8-vnni", "int8-head-vnni")
 ONNX_OPS_SUFFIX = {"-std": "standard", "-vnni": "contrib-vnni"}
 ORT = ("ort-u8", "ort-u8-rr", "ort-s8-pc", "ort-int4")
 VARIANTS = COLAFX + ORT
 DEFAULT = ("dense", "int8", "int8-head", "int8-head-std", *(("int8-head-vnni",) if onnxruntime_u8s8_exact() else ()),
-           "int4-head", "int4-head-asym", *ORT)
+           "int4-head", "int4-head-asym", "int4-head-asym-gptq", *ORT)
 PROMPT = "The capital of France is"
 
 
@@ -80,6 +83,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="folder with wikitext-2/test.txt (the accuracy text)")
     p.add_argument("--eval-tokens", type=int, default=1024, help="WikiText-2 test tokens scored for accuracy")
     p.add_argument("--eval-window", type=int, default=256, help="tokens per scored window (one prefill each)")
+    p.add_argument("--calibration-tokens", type=int, default=8192,
+                   help="WikiText-2 train tokens that calibrate the -gptq variants")
     p.add_argument("--export-dir", default=None, help="keep the exports here (default: a temporary folder)")
     p.add_argument("--reuse", action="store_true",
                    help="with --export-dir: use an export already there instead of exporting again "
@@ -96,13 +101,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def build_variant(base: torch.nn.Module, name: str, rank: float) -> torch.nn.Module:
-    """A copy of ``base`` prepared for the colafx variant ``name``."""
+def build_variant(base: torch.nn.Module, name: str, rank: float, calibration=None) -> torch.nn.Module:
+    """A copy of ``base`` prepared for the colafx variant ``name`` (``calibration``: token ids for
+    the -gptq variants)."""
     model = copy.deepcopy(base)
     if name == "cola":
         colafx.colaify(model, rank=rank, init="svd")
     elif name.startswith("int"):
-        quantize_for_export(model, name[:4], head="-head" in name, symmetric="-asym" not in name)
+        quantize_for_export(model, name[:4], head="-head" in name, symmetric="-asym" not in name,
+                            calibration=calibration if name.endswith("-gptq") else None)
     return model.eval()
 
 
@@ -270,7 +277,11 @@ def main(argv=None) -> int:
     for name in tqdm(names, desc="export + accuracy"):
         path, export_s, model = folder / name / "model.onnx", None, None
         if name in COLAFX:
-            model = build_variant(base, name, args.rank)
+            calibration = None
+            if name.endswith("-gptq"):
+                calibration = calibration_ids(Path(args.data_dir) / "wikitext-2" / "train.txt", tokenizer,
+                                              args.calibration_tokens)
+            model = build_variant(base, name, args.rank, calibration)
         if not (args.reuse and path.is_file() and meta_path(path).is_file()):
             start = time.perf_counter()
             if name in COLAFX:
