@@ -74,12 +74,12 @@ def gptq_quantize_weight(w: torch.Tensor, hessian: torch.Tensor, bits: int = 4, 
     W[:, dead] = 0
     H.diagonal().add_(DAMP * torch.diag(H).mean())
     u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)  # chol of H⁻¹
-    codes = torch.empty(n, k, dtype=torch.int8)
-    scales = torch.empty(n, k // g, dtype=torch.float64)
-    zeros = torch.empty(n, k // g, dtype=torch.float64)
+    codes = torch.empty(n, k, dtype=torch.int8, device=W.device)
+    scales = torch.empty(n, k // g, dtype=torch.float64, device=W.device)
+    zeros = torch.empty(n, k // g, dtype=torch.float64, device=W.device)
     for b0 in range(0, k, BLOCK):
         b1 = min(k, b0 + BLOCK)
-        block, errors = W[:, b0:b1].clone(), torch.empty(n, b1 - b0, dtype=torch.float64)
+        block, errors = W[:, b0:b1].clone(), torch.empty(n, b1 - b0, dtype=torch.float64, device=W.device)
         for i in range(b1 - b0):
             col = b0 + i
             if col % g == 0:  # this group's parameters, from its weights as updated so far
@@ -92,11 +92,9 @@ def gptq_quantize_weight(w: torch.Tensor, hessian: torch.Tensor, bits: int = 4, 
             block[:, i:] -= err @ u[col:col + 1, col:b1]
             errors[:, i] = err[:, 0]
         W[:, b1:] -= errors @ u[b0:b1, b1:]
-    scale32 = scales.float()
-    zero = None if symmetric else zeros.to(torch.int8)
     qweight = pack_int4(codes) if bits == 4 else codes
-    return QuantizedWeight(qweight.to(w.device), scale32.to(w.device), bits, group_size, torch.Size((n, k)),
-                           None if zero is None else zero.to(w.device))
+    return QuantizedWeight(qweight, scales.float(), bits, group_size, torch.Size((n, k)),
+                           None if symmetric else zeros.to(torch.int8))
 
 
 Calibration = Union[torch.Tensor, Iterable[torch.Tensor]]

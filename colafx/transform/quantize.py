@@ -113,8 +113,9 @@ class QuantLinear(nn.Module):
         module = cls(linear.in_features, linear.out_features, config.weight_bits, config.act_bits,
                      config.group_size, linear.bias is not None, None if not config.symmetric else config.qmax,
                      device=w.device, zero_point=not config.symmetric)
-        qw = quantized or quantize_weight(w.float(), config.weight_bits, config.group_size, config.rounding,
-                                          config.seed, config.qmax, symmetric=config.symmetric)
+        qw = quantized if quantized is not None else quantize_weight(
+            w.float(), config.weight_bits, config.group_size, config.rounding, config.seed, config.qmax,
+            symmetric=config.symmetric)
         module.qweight.copy_(qw.qweight)
         module.scale.copy_(qw.scale)
         if qw.zero is not None:

@@ -360,13 +360,17 @@ def _zero_points_of(path):
     return {n.name: numpy_helper.to_array(inits[n.input[3]]) for n in nbits if len(n.input) > 3}, nbits
 
 
-@pytest.mark.parametrize("onnx_ops", ["contrib", "standard"])
-def test_asymmetric_int4_w4a16_export_matches_pytorch(tmp_path, onnx_ops):
+@pytest.mark.parametrize("onnx_ops, group_size", [("contrib", 16), ("standard", 16), ("contrib", None)])
+def test_asymmetric_int4_w4a16_export_matches_pytorch(tmp_path, onnx_ops, group_size):
     """Zero points reach the graph: MatMulNBits' packed uint4 zero points (folded to initializers, q/k/v
-    and gate/up still fused), or a subtraction in the in-graph dequantization; W4A16 logits equal
+    and gate/up still fused; per channel: repeated per block; an odd block count padded, as
+    d_ff 176 / 16 = 11 blocks), or a subtraction in the in-graph dequantization; W4A16 logits equal
     PyTorch's up to summation order."""
+    from colafx.kernels.onnx import nbits_block_size
+
     model = presets.build("llama-tiny", seed=0).eval()
-    quantize_(model, QuantConfig(weight_bits=4, act_bits=16, group_size=16, symmetric=False), filter_fn=lambda m, n: True)
+    quantize_(model, QuantConfig(weight_bits=4, act_bits=16, group_size=group_size, symmetric=False),
+              filter_fn=lambda m, n: True)
     assert any(bool(m.zero.any()) for m in quantized_modules(model).values())
     path = export_onnx(model, tmp_path / "m.onnx", quant="int4", onnx_ops=onnx_ops)
     zero_points, nbits = _zero_points_of(path)
@@ -374,7 +378,9 @@ def test_asymmetric_int4_w4a16_export_matches_pytorch(tmp_path, onnx_ops):
         assert len(nbits) == 9 and len(zero_points) == 9  # 2 layers x (qkv, o, gate/up, down) + head
         assert not {"BitShift", "BitwiseOr", "Pad"} & {op for _, op in _op_types(path)}
         head = zero_points[nbits[-1].name]
-        z = model.lm_head.zero.numpy().astype(np.int16) + 8  # [512, 4] -> two blocks per byte
+        blocks = 64 // nbits_block_size(64, group_size)
+        z = np.repeat(model.lm_head.zero.numpy().astype(np.int16) + 8, blocks // model.lm_head.zero.shape[1], axis=1)
+        z = np.pad(z, ((0, 0), (0, blocks % 2)))  # two blocks per byte, the even one in the low nibble
         assert np.array_equal(head, (z[:, 0::2] | (z[:, 1::2] << 4)).astype(np.uint8).reshape(-1))
     else:
         assert not nbits
