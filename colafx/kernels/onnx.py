@@ -332,8 +332,9 @@ def fuse_shared_input_gemms(model) -> int:
     concatenated weights, followed by a ``Split`` back into the original outputs: one activation
     quantization and one wider GEMM instead of several. Only nodes whose weights and weight scales
     are initializers, whose other inputs are the same tensors and that have no further inputs
-    (g_idx, bias) are merged; MatMulNBits' zero points are concatenated like its scales. Edits the ``onnx.ModelProto`` in place
-    (topological order is kept: the merged node takes the place of the group's first node).
+    (g_idx, bias) are merged; MatMulNBits' zero points are concatenated like its scales. Edits the
+    ``onnx.ModelProto`` in place (topological order is kept: the merged node takes the place of the
+    group's first node).
 
     Returns:
         the number of nodes merged away.
