@@ -134,34 +134,30 @@ void rows(const float* xr, const uint8_t* w, const float* scales, const float* c
     for (int t = 0; t < T; ++t) acc[t * n_total + n + r] += vsum(a[r][t]);
 }
 
-template <int T>
+template <int T, bool Z>
 void block(const float* xr, const uint8_t* w, const float* scales, const float* centres, float* acc, int64_t n0, int64_t n1, int64_t k0,
            int64_t k1, int64_t k, int64_t groups, int64_t n_total) {
   constexpr int R = T >= MB ? 2 : 4;
   int64_t n = n0;
-  if (centres) {
-    for (; n + R <= n1; n += R) rows<T, R, true>(xr, w, scales, centres, acc, n, k0, k1, k, groups, n_total);
-    for (; n < n1; ++n) rows<T, 1, true>(xr, w, scales, centres, acc, n, k0, k1, k, groups, n_total);
-    return;
-  }
-  for (; n + R <= n1; n += R) rows<T, R, false>(xr, w, scales, nullptr, acc, n, k0, k1, k, groups, n_total);
-  for (; n < n1; ++n) rows<T, 1, false>(xr, w, scales, nullptr, acc, n, k0, k1, k, groups, n_total);
+  for (; n + R <= n1; n += R) rows<T, R, Z>(xr, w, scales, centres, acc, n, k0, k1, k, groups, n_total);
+  for (; n < n1; ++n) rows<T, 1, Z>(xr, w, scales, centres, acc, n, k0, k1, k, groups, n_total);
 }
 
-template <int T>
+template <int T, bool Z>
 void tokens(const float* xr, const uint8_t* w, const float* scales, const float* centres, float* acc, int64_t n0, int64_t n1, int64_t k0,
             int64_t k1, int64_t k, int64_t groups, int64_t n_total, int64_t t) {
   if constexpr (T > 1) {
-    if (t < T) return tokens<T - 1>(xr, w, scales, centres, acc, n0, n1, k0, k1, k, groups, n_total, t);
+    if (t < T) return tokens<T - 1, Z>(xr, w, scales, centres, acc, n0, n1, k0, k1, k, groups, n_total, t);
   }
-  block<T>(xr, w, scales, centres, acc, n0, n1, k0, k1, k, groups, n_total);
+  block<T, Z>(xr, w, scales, centres, acc, n0, n1, k0, k1, k, groups, n_total);
 }
 
 // The loops both kernels share: tiles of ROWS weight rows over the threads; in each tile, blocks of
 // kb columns and of tb tokens, each handed to sums(t0, tokens, n0, n1, k0, k1, centres), which adds
 // into the fp32 acc [M, N]; then out = acc (+ bias) in out's dtype, rounded once. With zero points
 // (int8 [N, G]), centres holds the tile's 8 + zero as floats ([n1 - n0, G], converted once per
-// tile, not per group and row in the inner loop); else it is null.
+// tile, not per group and row in the inner loop); else it is null, and the kernels take their
+// symmetric (compile-time centre 8) form: sums dispatch on it once per call of theirs.
 template <typename O, typename Sums>
 void tiled(const float* bias, const int8_t* zeros, int64_t groups, float* acc, O* out, int64_t m, int64_t n, int64_t k,
            int64_t kb, int64_t tb, const Sums& sums) {
@@ -191,8 +187,9 @@ void linear(const float* xr, const uint8_t* w, const float* scales, const int8_t
   tiled(bias, zeros, groups, acc, out, m, n, k, KB, MB,
         [&](int64_t t0, int64_t t, int64_t n0, int64_t n1, int64_t k0, int64_t k1, const float* centres) {
           // rows counted from the tile's first, as its centres are
-          tokens<MB>(xr + t0 * k, w + n0 * (k / 2), scales + n0 * groups, centres, acc + t0 * n + n0, 0, n1 - n0, k0, k1,
-                     k, groups, n, t);
+          auto run = centres ? tokens<MB, true> : tokens<MB, false>;
+          run(xr + t0 * k, w + n0 * (k / 2), scales + n0 * groups, centres, acc + t0 * n + n0, 0, n1 - n0, k0, k1, k, groups,
+              n, t);
         });
 }
 
@@ -242,27 +239,22 @@ COLAFX_BF16 void rows(const uint16_t* x, const uint8_t* w, const float* scales, 
     for (int t = 0; t < T; ++t) acc[t * n_total + n + r] += _mm512_reduce_add_ps(a[r][t]);
 }
 
-template <int T>
+template <int T, bool Z>
 COLAFX_BF16 void block(const uint16_t* x, const uint8_t* w, const float* scales, const float* centres, float* acc, int64_t n0, int64_t n1,
                        int64_t k0, int64_t k1, int64_t k, int64_t groups, int64_t n_total) {
   constexpr int R = T >= 8 ? 2 : 4;
   int64_t n = n0;
-  if (centres) {
-    for (; n + R <= n1; n += R) rows<T, R, true>(x, w, scales, centres, acc, n, k0, k1, k, groups, n_total);
-    for (; n < n1; ++n) rows<T, 1, true>(x, w, scales, centres, acc, n, k0, k1, k, groups, n_total);
-    return;
-  }
-  for (; n + R <= n1; n += R) rows<T, R, false>(x, w, scales, nullptr, acc, n, k0, k1, k, groups, n_total);
-  for (; n < n1; ++n) rows<T, 1, false>(x, w, scales, nullptr, acc, n, k0, k1, k, groups, n_total);
+  for (; n + R <= n1; n += R) rows<T, R, Z>(x, w, scales, centres, acc, n, k0, k1, k, groups, n_total);
+  for (; n < n1; ++n) rows<T, 1, Z>(x, w, scales, centres, acc, n, k0, k1, k, groups, n_total);
 }
 
-template <int T>
+template <int T, bool Z>
 COLAFX_BF16 void tokens(const uint16_t* x, const uint8_t* w, const float* scales, const float* centres, float* acc, int64_t n0, int64_t n1,
                         int64_t k0, int64_t k1, int64_t k, int64_t groups, int64_t n_total, int64_t t) {
   if constexpr (T > 1) {
-    if (t < T) return tokens<T - 1>(x, w, scales, centres, acc, n0, n1, k0, k1, k, groups, n_total, t);
+    if (t < T) return tokens<T - 1, Z>(x, w, scales, centres, acc, n0, n1, k0, k1, k, groups, n_total, t);
   }
-  block<T>(x, w, scales, centres, acc, n0, n1, k0, k1, k, groups, n_total);
+  block<T, Z>(x, w, scales, centres, acc, n0, n1, k0, k1, k, groups, n_total);
 }
 
 void linear(const uint16_t* x, const uint8_t* w, const float* scales, const int8_t* zeros, const float* bias, float* acc,
@@ -271,8 +263,9 @@ void linear(const uint16_t* x, const uint8_t* w, const float* scales, const int8
   // bf16 x: twice the columns of the fp32 kernel in the same bytes of L1
   tiled(bias, zeros, groups, acc, out, m, n, k, 2 * KB, TB,
         [&](int64_t t0, int64_t t, int64_t n0, int64_t n1, int64_t k0, int64_t k1, const float* centres) {
-          tokens<TB>(x + t0 * k, w + n0 * (k / 2), scales + n0 * groups, centres, acc + t0 * n + n0, 0, n1 - n0, k0, k1, k,
-                     groups, n, t);
+          auto run = centres ? tokens<TB, true> : tokens<TB, false>;
+          run(x + t0 * k, w + n0 * (k / 2), scales + n0 * groups, centres, acc + t0 * n + n0, 0, n1 - n0, k0, k1, k, groups,
+              n, t);
         });
 }
 
