@@ -315,13 +315,24 @@ def quantize_ref(
     if noise is not None and noise.numel() != x.numel():
         raise ValueError(f"noise has {noise.numel()} elements, expected {x.numel()}")
     rows = x.reshape(-1, g).float()
-    # absmax = max(max, -min): no |x| temporary; then one temporary for x / scale, rounded in place
-    amax = torch.maximum(rows.amax(dim=-1, keepdim=True), rows.amin(dim=-1, keepdim=True).neg_())
-    scale = amax.clamp_min_(SCALE_FLOOR).div_(qmax)
-    v = rows / scale
+    scale, _ = group_params(rows, qmax)
+    v = rows / scale  # one temporary for x / scale, rounded in place
     v.add_(0.5 if noise is None else noise.reshape(rows.shape).float())
     q = v.floor_().clamp_(-qmax, qmax).to(torch.int8)
     return q.reshape(x.shape), scale.reshape(*x.shape[:-1], k // g)
+
+
+def group_params(rows: torch.Tensor, qmax: int, symmetric: bool = True):
+    """The scale (fp32 [R, 1]) and zero point of each row of fp32 ``rows`` [R, g], as every weight
+    quantizer sets them: symmetric, ``max(|w|, 1e-12) / qmax`` and no zero point (None); else
+    (int4) 16 levels over ``[min(w, 0), max(w, 0)]`` and the code of 0, ``round(-min / scale) - 8``
+    in [-8, 7], as fp32 [R, 1]."""
+    lo, hi = rows.amin(dim=-1, keepdim=True), rows.amax(dim=-1, keepdim=True)
+    if symmetric:  # absmax = max(max, -min): no |x| temporary
+        return torch.maximum(hi, lo.neg_()).clamp_min_(SCALE_FLOOR).div_(qmax), None
+    lo.clamp_(max=0)
+    scale = (hi.clamp_(min=0) - lo).div_(15).clamp_min_(SCALE_FLOOR)
+    return scale, (lo / scale).neg_().add_(0.5).floor_().clamp_(0, 15).sub_(8)
 
 
 def quantize_tokens(x2d: torch.Tensor, qmax: int):
@@ -499,13 +510,10 @@ def _quantize_asymmetric(rows: torch.Tensor, rounding: str, seed: int):
     """Asymmetric int4 of each row of ``rows`` [R, g]: ``(q int8 [R, g], scale fp32 [R, 1], zero
     int8 [R, 1])`` with ``w ≈ (q - zero)·scale``, q and zero in [-8, 7]."""
     rows = rows.float()
-    lo = rows.amin(dim=-1, keepdim=True).clamp_(max=0)
-    hi = rows.amax(dim=-1, keepdim=True).clamp_(min=0)
-    scale = (hi - lo).div_(15).clamp_min_(SCALE_FLOOR)
-    zero = (lo / scale).neg_().add_(0.5).floor_().clamp_(0, 15)  # the level of 0, in [0, 15]
+    scale, zero = group_params(rows, QMAX[4], symmetric=False)
     noise = 0.5 if rounding == "nearest" else cpu_noise("uniform", seed, rows.numel()).to(rows.device).reshape(rows.shape)
-    q = (rows / scale).add_(noise).floor_().add_(zero).clamp_(0, 15).sub_(8)
-    return q.to(torch.int8), scale, zero.sub_(8).to(torch.int8)
+    q = (rows / scale).add_(noise).floor_().add_(zero).clamp_(-8, 7)
+    return q.to(torch.int8), scale, zero.to(torch.int8)
 
 
 def dequantize_weight(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:

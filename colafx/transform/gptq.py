@@ -19,7 +19,7 @@ from typing import Iterable, Optional, Union
 import torch
 from torch import nn
 
-from colafx.kernels.quant import QMAX, SCALE_FLOOR, QuantizedWeight, check_group_size, pack_int4
+from colafx.kernels.quant import QMAX, QuantizedWeight, check_group_size, group_params, pack_int4
 
 __all__ = ["gptq_quantize_weight", "collect_hessians"]
 
@@ -30,14 +30,8 @@ BLOCK = 128  # columns per lazy-update block
 def _group_params(w: torch.Tensor, qmax: int, symmetric: bool):
     """Scale [N, 1] and zero point [N, 1] (0 when symmetric) of the columns ``w`` [N, g], by the
     rules and in the fp32 arithmetic of :func:`colafx.kernels.quant.quantize_weight`; as fp64."""
-    w = w.float()
-    if symmetric:
-        scale = w.abs().amax(dim=1, keepdim=True).clamp_min_(SCALE_FLOOR).div_(qmax)
-        return scale.double(), torch.zeros_like(scale, dtype=torch.float64)
-    lo, hi = w.amin(dim=1, keepdim=True).clamp_(max=0), w.amax(dim=1, keepdim=True).clamp_(min=0)
-    scale = (hi - lo).div_(15).clamp_min_(SCALE_FLOOR)
-    zero = (lo / scale).neg_().add_(0.5).floor_().clamp_(0, 15).sub_(8)
-    return scale.double(), zero.double()
+    scale, zero = group_params(w.float(), qmax, symmetric)
+    return scale.double(), torch.zeros_like(scale, dtype=torch.float64) if zero is None else zero.double()
 
 
 def gptq_quantize_weight(w: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group_size: Optional[int] = None,
