@@ -770,9 +770,8 @@ def _qlinear_cpu(x, qweight, w_scale, bias, act_bits, bits, w_zero=None):
             if out is None:
                 out = _aten_int4_linear(x2, qweight, w_scale, w_zero)
         if out is None:  # fp16 in fp32: the CPU's fp16 GEMM is a slow path
-            q = unpack_int4(qweight) if bits == 4 else qweight
             dtype = torch.float32 if x.dtype == torch.float16 else x.dtype
-            out = F.linear(x2.to(dtype), dequantize_ref(q, w_scale, w_zero).to(dtype)).to(x.dtype)
+            out = F.linear(x2.to(dtype), _dequantized_weight(qweight, w_scale, bits, dtype, w_zero)).to(x.dtype)
         if bias is not None:
             out = out + bias.to(x.dtype)
         return out.reshape(*x.shape[:-1], n)
@@ -808,8 +807,7 @@ def _qlinear_cpu(x, qweight, w_scale, bias, act_bits, bits, w_zero=None):
     if groups == 1:
         acc = torch.zeros(qx.shape[0], n)
     else:  # Σ_g sw[n, g]·(qx_g · q_gᵀ) = qx · dequant(W)ᵀ: one fp32 GEMM on the codes, no loop over groups
-        q = unpack_int4(qweight) if bits == 4 else qweight
-        acc = F.linear(qx.float(), dequantize_ref(q, w_scale, w_zero))
+        acc = F.linear(qx.float(), _dequantized_weight(qweight, w_scale, bits, torch.float32, w_zero))
     return _epilogue(acc.mul_(sx), x, bias, n)
 
 
@@ -848,7 +846,7 @@ def _fake(x, qweight, w_scale, bias, *rest):
 
 
 def _dequantized_weight(qweight, w_scale, bits, dtype, w_zero=None):
-    """Float [N, K] weight in ``dtype`` (for the straight-through backward)."""
+    """Float [N, K] weight in ``dtype`` (the straight-through backward, the CPU's float fallbacks)."""
     q = unpack_int4(qweight) if bits == 4 else qweight
     return dequantize_ref(q, w_scale, w_zero).to(dtype)
 
