@@ -37,6 +37,9 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 QUANT_OPS = {"int8": "colafx::int8_linear", "int4": "colafx::int4_linear"}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 ONNX_OPS = ("contrib", "contrib-vnni", "standard")  # as colafx.kernels.onnx.ONNX_OPS (onnxscript is imported on export only)
+# Attention / RotaryEmbedding / RMSNormalization are ai.onnx operators from opset 23 on; with them
+# the exporter writes one node each, and fuse_attention_cache hands Attention the KV cache.
+DEFAULT_OPSET = 23
 META_FORMAT = "colafx-onnx"
 _EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf caps a single file at 2 GB
 
@@ -199,7 +202,10 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, quant: str | None = N
     ``colafx.quantize_`` (weight_bits 8 / 4); its linears become onnxruntime integer ops.
     ``kv_cache``: add past/present key-value tensors (one graph for prefill and decode).
     ``dtype``: ``"fp32"`` or ``"fp16"`` (the model is copied and cast; it is never modified).
-    ``opset``: ONNX opset (default: the exporter's). ``tokenizer``: saved beside the file if given.
+    ``opset``: ONNX opset (default 23: ai.onnx ``Attention`` with the KV cache inside it,
+    ``RotaryEmbedding`` and ``RMSNormalization``, one node each; an older opset spells them in
+    ~35 primitive nodes per layer, for runtimes without opset 23). ``tokenizer``: saved beside the
+    file if given.
     ``onnx_ops``: how quantized linears are written: "contrib" (default) = onnxruntime's fused
     ``com.microsoft::MatMulNBits``, one node per linear (int8: bits 8; activations quantized per
     block of K by onnxruntime when act_bits is 8); "standard" = ai.onnx operators only (int8: the
@@ -240,11 +246,13 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, quant: str | None = N
     _check_quant(quant, _quant_mode(exported))
     inputs, outputs = io_names(model.config.num_hidden_layers, kv_cache)
     with _quiet_exporter():
-        program = torch.onnx.export(exported, input_names=inputs, output_names=outputs, opset_version=opset,
+        program = torch.onnx.export(exported, input_names=inputs, output_names=outputs,
+                                    opset_version=DEFAULT_OPSET if opset is None else opset,
                                     dynamo=True, custom_translation_table=_translation_table(onnx_ops), verbose=False)
     _save_program(program, path, onnx_ops)
     onnx.checker.check_model(str(path))
-    _write_meta(model, path, quant, kv_cache, dtype, inputs, outputs, tokenizer, onnx_ops)
+    _write_meta(model, path, quant, kv_cache, dtype, inputs, outputs, tokenizer, onnx_ops,
+                DEFAULT_OPSET if opset is None else opset)
     return path
 
 
@@ -264,24 +272,30 @@ def _quiet_exporter():
 
 
 def _save_program(program, path: Path, onnx_ops: str) -> None:
-    """Save an ``ONNXProgram`` to ``path`` without ever leaving a half-written file there; with
-    ``onnx_ops="contrib"`` / ``"contrib-vnni"`` the fused GEMM nodes that share an input are merged first."""
+    """Save an ``ONNXProgram`` to ``path`` without ever leaving a half-written file there. Each
+    layer's Attention takes its KV cache first (:func:`~colafx.passes.onnx_attention.fuse_attention_cache`);
+    with ``onnx_ops="contrib"`` / ``"contrib-vnni"`` the fused GEMM nodes that share an input are
+    merged too."""
     import onnx
+
+    from colafx.passes.onnx_attention import fuse_attention_cache
 
     big = sum(t.numel() * t.element_size() for t in program.exported_program.state_dict.values()) \
         > _EXTERNAL_DATA_BYTES
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
         target = Path(tmp) / path.name
         if onnx_ops.startswith("contrib"):
-            from colafx.kernels.onnx import fold_quantized_weights, fuse_shared_input_gemms
+            from colafx.kernels.onnx import fold_quantized_weights
 
             fold_quantized_weights(program.model)
-            proto = program.model_proto
+        proto = program.model_proto
+        fuse_attention_cache(proto)
+        if onnx_ops.startswith("contrib"):
+            from colafx.kernels.onnx import fuse_shared_input_gemms
+
             fuse_shared_input_gemms(proto)
-            onnx.save_model(proto, str(target), save_as_external_data=big, all_tensors_to_one_file=True,
-                            location=f"{path.name}.data")
-        else:
-            program.save(str(target), external_data=big)
+        onnx.save_model(proto, str(target), save_as_external_data=big, all_tensors_to_one_file=True,
+                        location=f"{path.name}.data")
         for item in sorted(Path(tmp).iterdir(), key=lambda p: p.name == path.name):
             os.replace(item, path.parent / item.name)  # data first, the .onnx last
 
@@ -297,11 +311,11 @@ def tokenizer_dir(path: str | os.PathLike) -> Path:
     return path.with_name(f"{path.stem}-tokenizer")
 
 
-def _write_meta(model, path: Path, quant, kv_cache, dtype, inputs, outputs, tokenizer, onnx_ops) -> None:
+def _write_meta(model, path: Path, quant, kv_cache, dtype, inputs, outputs, tokenizer, onnx_ops, opset) -> None:
     config = model.config
     generation = getattr(model, "generation_config", None)
     meta = {"format": META_FORMAT, "version": 1, "onnx_file": path.name, "quant": quant, "kv_cache": kv_cache,
-            "dtype": dtype, "onnx_ops": onnx_ops, "inputs": inputs, "outputs": outputs, **kv_layout(config),
+            "dtype": dtype, "onnx_ops": onnx_ops, "opset": opset, "inputs": inputs, "outputs": outputs, **kv_layout(config),
             "vocab_size": config.vocab_size,
             "eos_token_id": getattr(generation, "eos_token_id", None) or config.eos_token_id,
             "pad_token_id": getattr(generation, "pad_token_id", None) or getattr(config, "pad_token_id", None),
@@ -327,7 +341,8 @@ class OnnxCausalLM:
         FileNotFoundError: the .onnx file or its .json is missing.
         ValueError: the .json is corrupt or not written by colafx.
         RuntimeError: an ``onnx_ops="contrib-vnni"`` int8 export on the CPU provider of an x86 CPU
-            without VNNI / AMX, where onnxruntime's u8·s8 GEMM overflows.
+            without VNNI / AMX, where onnxruntime's u8·s8 GEMM overflows; or an opset-23 export that
+            the installed onnxruntime cannot load (it names the upgrade or ``--opset 20``).
     """
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None, providers: list[str] | None = None):
@@ -353,7 +368,15 @@ class OnnxCausalLM:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(self.path), options, providers=providers)
+        try:
+            self.session = ort.InferenceSession(str(self.path), options, providers=providers)
+        except Exception as err:  # onnxruntime's own exception types live in a private module
+            opset = self.meta.get("opset") or 0
+            if opset < DEFAULT_OPSET:
+                raise
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise RuntimeError(f"onnxruntime {ort.__version__} cannot load {self.path} (ONNX opset {opset}): "
+                               f"{reason}; upgrade onnxruntime, or export again with --opset 20") from err
         self.kv_cache = bool(self.meta["kv_cache"])
         self.float_dtype = np.float16 if self.meta["dtype"] == "fp16" else np.float32
 
@@ -508,7 +531,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "prefill; needs a CPU with VNNI / AMX, or non-x86); standard = ai.onnx operators only (int8: exact "
                              "per-token quantization + MatMulInteger; int4: dequantized in the graph, no "
                              "size saving), for runtimes other than onnxruntime")
-    parser.add_argument("--opset", type=int, default=None, help="ONNX opset version (default: the exporter's)")
+    parser.add_argument("--opset", type=int, default=None,
+                        help=f"ONNX opset version (default {DEFAULT_OPSET}: fused Attention / RotaryEmbedding / "
+                             "RMSNormalization; 20 for runtimes without opset 23)")
     parser.add_argument("--device", default="auto",
                         help=f"where the model is loaded, quantized and traced: {DEVICE_HELP}; the .onnx file is "
                              "the same either way")
