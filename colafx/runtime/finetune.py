@@ -45,6 +45,8 @@ class FinetuneConfig:
     act_bits: int = 8
     group_size: Optional[int] = None
     quantize_base: bool = False          # adamw / mezo + trainable "lora": quantize the frozen base (bits, act_bits)
+    gptq: Optional[str] = None           # quzo / quantize_base: GPTQ weights calibrated on this text (file, folder, hf:)
+    calibration_tokens: int = 8192       # gptq: tokens of that text, in windows of 256
     trainable: str = "auto"              # "all", "cola", "lora", or "auto": "lora" for QuZO int4, else "all"
     lora_rank: int = 8
     lora_alpha: float = 16.0
@@ -85,6 +87,11 @@ class FinetuneConfig:
         if self.quantize_base and (self.method == "quzo" or self.resolved_trainable() != "lora"):
             raise ValueError("quantize_base is for method adamw / mezo with trainable='lora' "
                              "(quzo always quantizes its base)")
+        if self.gptq is not None and not (self.method == "quzo" or self.quantize_base):
+            raise ValueError("gptq picks the integer weights of a quantized base: use it with method 'quzo' "
+                             "or quantize_base")
+        if self.gptq is not None and self.calibration_tokens <= 0:
+            raise ValueError(f"calibration_tokens must be positive, got {self.calibration_tokens}")
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
         for name in ("steps", "batch_size", "eval_every"):
@@ -97,6 +104,8 @@ class FinetuneConfig:
         resolve_device(self.device)  # no CUDA for --device cuda: one clear line, before any loading
         if self.task == "text" and not self.train_file:
             raise ValueError("task 'text' needs train_file (a text file to train on)")
+        if self.gptq is not None and not str(self.gptq).startswith("hf:") and not Path(self.gptq).exists():
+            raise FileNotFoundError(f"gptq calibration text {self.gptq} does not exist")
         for path in _data_files(self):  # before the model loads (SmolLM2 takes ~20-90 s)
             if path is not None and not Path(path).is_file():
                 hint = " (--data-dir: a folder holding SST-2/train.tsv and dev.tsv)" if self.task == "sst2" else ""
@@ -147,8 +156,9 @@ def _load(config: FinetuneConfig):
     return model, load_tokenizer(config.model)
 
 
-def _prepare(model, config: FinetuneConfig):
-    """Quantize (QuZO), add LoRA adapters, pick the trainable tensors; returns the optimizer."""
+def _prepare(model, config: FinetuneConfig, tokenizer):
+    """Quantize (QuZO; GPTQ calibrated with ``tokenizer``'s ids of ``config.gptq``), add LoRA adapters,
+    pick the trainable tensors; returns the optimizer."""
     from colafx.runtime.zo import QuZO, zo_targets
     from colafx.transform.quantize import QuantConfig, quantize_, quantized_modules
 
@@ -156,6 +166,8 @@ def _prepare(model, config: FinetuneConfig):
     if done and config.method != "quzo" and config.trainable != "lora":
         raise ValueError(f"the model is already quantized: method {config.method!r} cannot train its integer "
                          "weights (use method='quzo', or trainable='lora' to train adapters on it)")
+    if done and config.gptq is not None:
+        raise ValueError("gptq: the model is already quantized; start from the float model")
     if done and {m.bits for m in done.values()} != {config.bits}:
         raise ValueError(f"the model is quantized to {sorted({m.bits for m in done.values()})} bits, "
                          f"not bits={config.bits}")
@@ -163,7 +175,15 @@ def _prepare(model, config: FinetuneConfig):
         # Head-room (qmax 119 / 6) only where QuZO perturbs the integer weights; a frozen LoRA base keeps
         # the full grid (127 / 7: a 17% finer int4 step).
         headroom = config.method == "quzo" and config.trainable != "lora"
-        quantize_(model, QuantConfig(config.bits, config.act_bits, config.group_size, zo_headroom=headroom))
+        calibration = None
+        if config.gptq is not None:
+            from colafx.runtime.data import calibration_ids
+
+            device = next(model.parameters()).device
+            calibration = calibration_ids(config.gptq, tokenizer, config.calibration_tokens).to(device)
+        quantize_(model, QuantConfig(config.bits, config.act_bits, config.group_size, zo_headroom=headroom,
+                                     algorithm="rtn" if calibration is None else "gptq"),
+                  calibration=calibration)
     if config.trainable == "lora":
         from colafx.runtime.lora import LoRALinear, add_lora_
 
@@ -296,7 +316,7 @@ def finetune(config: FinetuneConfig, loaded: Optional[tuple] = None) -> dict:
     model, tokenizer = loaded or _load(config)
     device = resolve_device(config.device)
     model.to(device)  # before quantizing / LoRA: their tensors are made where the weights are
-    optimizer = _prepare(model, config)
+    optimizer = _prepare(model, config, tokenizer)
     task, train, dev = _data(config, tokenizer)
     out.mkdir(parents=True, exist_ok=True)  # only now: a run that fails to start leaves no empty folder
     start = 0
@@ -370,6 +390,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantize-base", action="store_true",
                         help="adamw / mezo with --trainable lora: quantize the frozen base to --bits / --act-bits "
                              "(adamw backpropagates through it by the straight-through estimator)")
+    parser.add_argument("--gptq", metavar="TEXT", default=None,
+                        help="quzo (or --quantize-base): GPTQ integer weights (each linear's output error "
+                             "minimised on this text: a file, folder or hf: source) instead of round-to-nearest")
+    parser.add_argument("--calibration-tokens", type=int, default=8192,
+                        help="with --gptq: tokens of the text used, in windows of 256")
     parser.add_argument("--trainable", default="auto", choices=list(TRAINABLE),
                         help="train all projections, only CoLA factors, or LoRA adapters on a frozen base; auto: "
                              "LoRA for quzo --bits 4 (full-parameter int4 QuZO does not learn), all otherwise")

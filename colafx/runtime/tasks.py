@@ -146,6 +146,10 @@ class ByteTokenizer:
         """Token ids of ``text`` (BOS first when ``add_special_tokens``)."""
         return ([self.bos_token_id] if add_special_tokens else []) + list(text.encode("utf-8"))
 
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
+        """``{"input_ids": encode(text)}``, as a Hugging Face tokenizer answers."""
+        return {"input_ids": self.encode(text, add_special_tokens)}
+
 
 @dataclass
 class Batch:

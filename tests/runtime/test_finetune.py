@@ -216,3 +216,40 @@ def test_int4_quzo_trains_lora_by_default_and_lowers_the_loss_where_full_paramet
     for lr in (1e-4, 1e-3):  # measured: 1.157 -> 1.167 and -> 1.265
         first, last = _int4_finetune_toy("all", lr=lr, eps=1e-3)
         assert last > 0.99 * first
+
+
+def test_quzo_gptq_base_is_calibrated_on_the_text_and_keeps_zo_headroom(sst_dir, tmp_path):
+    """--gptq: QuZO's integer base holds the GPTQ codes that quantize_ gives on the same ids (not
+    round-to-nearest's), within QuZO's head-room (|code| <= 119)."""
+    from colafx import presets
+    from colafx.runtime.data import calibration_ids
+    from colafx.runtime.finetune import _prepare
+    from colafx.runtime.tasks import ByteTokenizer
+    from colafx.transform.quantize import QuantConfig, quantize_
+
+    text = tmp_path / "calib.txt"
+    text.write_text("a warm and funny film about a lovely town, with a dull and slow middle.\n" * 12)
+    config = _cfg(sst_dir, tmp_path / "run", method="quzo", bits=8, trainable="all", gptq=str(text),
+                  calibration_tokens=512)
+    ids = calibration_ids(str(text), ByteTokenizer(), 512)
+    assert ids.shape == (2, 256)
+    model = presets.build("llama-tiny", seed=0)
+    _prepare(model, config, ByteTokenizer())
+    gptq = quantize_(presets.build("llama-tiny", seed=0), QuantConfig(8, 8, zo_headroom=True, algorithm="gptq"),
+                     calibration=ids)
+    rtn = quantize_(presets.build("llama-tiny", seed=0), QuantConfig(8, 8, zo_headroom=True))
+    name = "model.layers.0.mlp.down_proj.qweight"
+    codes = model.state_dict()[name]
+    assert torch.equal(codes, gptq.state_dict()[name])
+    assert not torch.equal(codes, rtn.state_dict()[name])
+    assert int(codes.abs().max()) <= 119
+    assert main(["finetune", "--preset", "llama-tiny", "--data-dir", str(sst_dir), "--steps", "1",
+                 "--batch-size", "4", "--k-shot", "4", "--n-dev", "4", "--gptq", str(text),
+                 "--calibration-tokens", "512", "--out", str(tmp_path / "cli"), "--no-progress"]) == 0
+
+
+def test_gptq_needs_a_quantized_base_and_an_existing_text(sst_dir, tmp_path):
+    with pytest.raises(ValueError, match="gptq picks the integer weights of a quantized base"):
+        finetune(_cfg(sst_dir, tmp_path / "a", method="mezo", gptq=str(sst_dir / "train.tsv")))
+    with pytest.raises(FileNotFoundError, match="gptq calibration text .*missing.txt does not exist"):
+        finetune(_cfg(sst_dir, tmp_path / "b", method="quzo", gptq=str(tmp_path / "missing.txt")))
