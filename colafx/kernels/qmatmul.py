@@ -87,7 +87,7 @@ from .quant import (
     _quantize_rows_triton,
     check_float,
     check_group_size,
-    dequantize_ref,
+    dequantize_packed,
     dot_mode,
     interpreting,
     quantize_act_int8,
@@ -771,7 +771,7 @@ def _qlinear_cpu(x, qweight, w_scale, bias, act_bits, bits, w_zero=None):
                 out = _aten_int4_linear(x2, qweight, w_scale, w_zero)
         if out is None:  # fp16 in fp32: the CPU's fp16 GEMM is a slow path
             dtype = torch.float32 if x.dtype == torch.float16 else x.dtype
-            out = F.linear(x2.to(dtype), _dequantized_weight(qweight, w_scale, bits, dtype, w_zero)).to(x.dtype)
+            out = F.linear(x2.to(dtype), dequantize_packed(qweight, w_scale, bits, dtype, w_zero)).to(x.dtype)
         if bias is not None:
             out = out + bias.to(x.dtype)
         return out.reshape(*x.shape[:-1], n)
@@ -807,7 +807,7 @@ def _qlinear_cpu(x, qweight, w_scale, bias, act_bits, bits, w_zero=None):
     if groups == 1:
         acc = torch.zeros(qx.shape[0], n)
     else:  # Σ_g sw[n, g]·(qx_g · q_gᵀ) = qx · dequant(W)ᵀ: one fp32 GEMM on the codes, no loop over groups
-        acc = F.linear(qx.float(), _dequantized_weight(qweight, w_scale, bits, torch.float32, w_zero))
+        acc = F.linear(qx.float(), dequantize_packed(qweight, w_scale, bits, torch.float32, w_zero))
     return _epilogue(acc.mul_(sx), x, bias, n)
 
 
@@ -845,12 +845,6 @@ def _fake(x, qweight, w_scale, bias, *rest):
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
 
-def _dequantized_weight(qweight, w_scale, bits, dtype, w_zero=None):
-    """Float [N, K] weight in ``dtype`` (the straight-through backward, the CPU's float fallbacks)."""
-    q = unpack_int4(qweight) if bits == 4 else qweight
-    return dequantize_ref(q, w_scale, w_zero).to(dtype)
-
-
 def _make_backward(bits, n_extra):
     """Autograd for the quantized linears: grad wrt x (straight-through) and bias only."""
 
@@ -864,7 +858,7 @@ def _make_backward(bits, n_extra):
         qweight, w_scale, w_zero = ctx.saved_tensors
         grad_x = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad @ _dequantized_weight(qweight, w_scale, bits, grad.dtype, w_zero)
+            grad_x = grad @ dequantize_packed(qweight, w_scale, bits, grad.dtype, w_zero)
         if ctx.needs_input_grad[3]:
             grad_b = grad.reshape(-1, grad.shape[-1]).sum(0)
         return (grad_x, None, None, grad_b) + (None,) * n_extra

@@ -40,6 +40,7 @@ __all__ = [
     "QuantizedWeight",
     "quantize_act_int8",
     "quantize_weight",
+    "dequantize_packed",
     "dequantize_weight",
     "pack_int4",
     "unpack_int4",
@@ -522,8 +523,15 @@ def dequantize_weight(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -
     Raises ValueError if ``qw.bits`` is not 4 or 8.
     """
     check_bits(qw.bits)
-    q = unpack_int4(qw.qweight) if qw.bits == 4 else qw.qweight
-    return dequantize_ref(q, qw.scale, qw.zero).to(dtype)
+    return dequantize_packed(qw.qweight, qw.scale, qw.bits, dtype, qw.zero)
+
+
+def dequantize_packed(qweight: torch.Tensor, scale: torch.Tensor, bits: int, dtype: torch.dtype = torch.float32,
+                      zero: torch.Tensor | None = None) -> torch.Tensor:
+    """The float [N, K] weight (``dtype``) of stored codes: ``qweight`` int8 [N, K] (``bits`` 8) or
+    packed int4 uint8 [N, K / 2] (``bits`` 4), with ``scale`` [N, groups] and int4 ``zero`` points."""
+    q = unpack_int4(qweight) if bits == 4 else qweight
+    return dequantize_ref(q, scale, zero).to(dtype)
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
