@@ -235,6 +235,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, quant: str | None = N
         raise ValueError(f"unknown onnx_ops {onnx_ops!r}; choose one of {', '.join(ONNX_OPS)}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    opset = DEFAULT_OPSET if opset is None else opset
     torch_dtype = DTYPES[dtype]
     float_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     if float_dtype != torch_dtype:
@@ -246,13 +247,11 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, quant: str | None = N
     _check_quant(quant, _quant_mode(exported))
     inputs, outputs = io_names(model.config.num_hidden_layers, kv_cache)
     with _quiet_exporter():
-        program = torch.onnx.export(exported, input_names=inputs, output_names=outputs,
-                                    opset_version=DEFAULT_OPSET if opset is None else opset,
+        program = torch.onnx.export(exported, input_names=inputs, output_names=outputs, opset_version=opset,
                                     dynamo=True, custom_translation_table=_translation_table(onnx_ops), verbose=False)
     _save_program(program, path, onnx_ops)
     onnx.checker.check_model(str(path))
-    _write_meta(model, path, quant, kv_cache, dtype, inputs, outputs, tokenizer, onnx_ops,
-                DEFAULT_OPSET if opset is None else opset)
+    _write_meta(model, path, quant, kv_cache, dtype, inputs, outputs, tokenizer, onnx_ops, opset)
     return path
 
 
