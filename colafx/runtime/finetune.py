@@ -176,7 +176,8 @@ def _prepare(model, config: FinetuneConfig, tokenizer):
         # the full grid (127 / 7: a 17% finer int4 step).
         headroom = config.method == "quzo" and config.trainable != "lora"
         calibration = None
-        if config.gptq is not None:
+        resuming = config.resume and (Path(config.out) / CHECKPOINT).is_dir()
+        if config.gptq is not None and not resuming:  # a resumed run loads its codes from the checkpoint
             from colafx.runtime.data import calibration_ids
 
             device = next(model.parameters()).device

@@ -253,3 +253,23 @@ def test_gptq_needs_a_quantized_base_and_an_existing_text(sst_dir, tmp_path):
         finetune(_cfg(sst_dir, tmp_path / "a", method="mezo", gptq=str(sst_dir / "train.tsv")))
     with pytest.raises(FileNotFoundError, match="gptq calibration text .*missing.txt does not exist"):
         finetune(_cfg(sst_dir, tmp_path / "b", method="quzo", gptq=str(tmp_path / "missing.txt")))
+
+
+def test_quzo_gptq_resume_equals_uninterrupted_run(sst_dir, tmp_path, monkeypatch):
+    """A resumed --gptq run skips the calibration (the checkpoint holds the codes) and ends where the
+    uninterrupted run does."""
+    from colafx.runtime import data
+
+    text = tmp_path / "calib.txt"
+    text.write_text("a warm and funny film about a lovely town, with a dull and slow middle.\n" * 8)
+    kw = dict(method="quzo", bits=8, gptq=str(text), calibration_tokens=512)
+    full = finetune(_cfg(sst_dir, tmp_path / "full", **kw))
+    finetune(_cfg(sst_dir, tmp_path / "cut", steps=2, **kw))
+
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("a resumed run calibrated GPTQ again")
+
+    monkeypatch.setattr(data, "calibration_ids", no_calibration)
+    resumed = finetune(_cfg(sst_dir, tmp_path / "cut", resume=True, **kw))
+    a, b = _codes(full["model"]), _codes(resumed["model"])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
