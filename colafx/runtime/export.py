@@ -271,10 +271,10 @@ def _quiet_exporter():
 
 
 def _save_program(program, path: Path, onnx_ops: str) -> None:
-    """Save an ``ONNXProgram`` to ``path`` without ever leaving a half-written file there. Each
-    layer's Attention takes its KV cache first (:func:`~colafx.passes.onnx_attention.fuse_attention_cache`);
-    with ``onnx_ops="contrib"`` / ``"contrib-vnni"`` the fused GEMM nodes that share an input are
-    merged too."""
+    """Save an ``ONNXProgram`` to ``path`` without ever leaving a half-written file there. With
+    ``onnx_ops="contrib"`` / ``"contrib-vnni"`` the fused GEMM nodes that share an input are merged
+    first; then each layer's Attention takes its KV cache
+    (:func:`~colafx.passes.onnx_attention.fuse_attention_cache`)."""
     import onnx
 
     from colafx.passes.onnx_attention import fuse_attention_cache
@@ -284,15 +284,14 @@ def _save_program(program, path: Path, onnx_ops: str) -> None:
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
         target = Path(tmp) / path.name
         if onnx_ops.startswith("contrib"):
-            from colafx.kernels.onnx import fold_quantized_weights
+            from colafx.kernels.onnx import fold_quantized_weights, fuse_shared_input_gemms
 
             fold_quantized_weights(program.model)
-        proto = program.model_proto
-        fuse_attention_cache(proto)
-        if onnx_ops.startswith("contrib"):
-            from colafx.kernels.onnx import fuse_shared_input_gemms
-
+            proto = program.model_proto
             fuse_shared_input_gemms(proto)
+        else:
+            proto = program.model_proto
+        fuse_attention_cache(proto)
         onnx.save_model(proto, str(target), save_as_external_data=big, all_tensors_to_one_file=True,
                         location=f"{path.name}.data")
         for item in sorted(Path(tmp).iterdir(), key=lambda p: p.name == path.name):
