@@ -156,9 +156,10 @@ def _load(config: FinetuneConfig):
     return model, load_tokenizer(config.model)
 
 
-def _prepare(model, config: FinetuneConfig, tokenizer):
-    """Quantize (QuZO; GPTQ calibrated with ``tokenizer``'s ids of ``config.gptq``), add LoRA adapters,
-    pick the trainable tensors; returns the optimizer."""
+def _prepare(model, config: FinetuneConfig, tokenizer, calibrate: bool = True):
+    """Quantize (QuZO; GPTQ calibrated with ``tokenizer``'s ids of ``config.gptq`` when ``calibrate``;
+    a resumed run loads its codes from the checkpoint instead), add LoRA adapters, pick the
+    trainable tensors; returns the optimizer."""
     from colafx.runtime.zo import QuZO, zo_targets
     from colafx.transform.quantize import QuantConfig, quantize_, quantized_modules
 
@@ -176,8 +177,7 @@ def _prepare(model, config: FinetuneConfig, tokenizer):
         # the full grid (127 / 7: a 17% finer int4 step).
         headroom = config.method == "quzo" and config.trainable != "lora"
         calibration = None
-        resuming = config.resume and (Path(config.out) / CHECKPOINT).is_dir()
-        if config.gptq is not None and not resuming:  # a resumed run loads its codes from the checkpoint
+        if config.gptq is not None and calibrate:
             from colafx.runtime.data import calibration_ids
 
             device = next(model.parameters()).device
@@ -317,12 +317,11 @@ def finetune(config: FinetuneConfig, loaded: Optional[tuple] = None) -> dict:
     model, tokenizer = loaded or _load(config)
     device = resolve_device(config.device)
     model.to(device)  # before quantizing / LoRA: their tensors are made where the weights are
-    optimizer = _prepare(model, config, tokenizer)
+    resuming = config.resume and (out / CHECKPOINT).is_dir()
+    optimizer = _prepare(model, config, tokenizer, calibrate=not resuming)
     task, train, dev = _data(config, tokenizer)
     out.mkdir(parents=True, exist_ok=True)  # only now: a run that fails to start leaves no empty folder
-    start = 0
-    if config.resume and (out / CHECKPOINT).is_dir():
-        start = _resume(model, optimizer, out)
+    start = _resume(model, optimizer, out) if resuming else 0
     metrics_path = out / "metrics.jsonl"
     history = [json.loads(line) for line in metrics_path.read_text().splitlines()] if start else []
     history = [r for r in history if r["step"] <= start]
