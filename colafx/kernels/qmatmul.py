@@ -489,43 +489,70 @@ def _has_amx() -> bool:
     return getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
 
 
-_PACKED: dict = {}  # id(weight) -> (weakref to it, version, shape, (oneDNN packed weight, zeros) or None)
-_FBGEMM: dict = {}  # id(weight) -> (weakref to it, version, shape, FBGEMM packed weight or None)
+_PACKED: dict = {}  # id(weight) -> (weakref to it, stamp, shape, (oneDNN packed weight, zeros) or None, deps)
+_FBGEMM: dict = {}  # id(weight) -> (weakref to it, stamp, shape, FBGEMM packed weight or None, deps)
 
 
-def _cached_pack(cache: dict, weight: torch.Tensor, shape: torch.Size, pack, lazy: bool):
-    """``pack()``'s result for ``weight`` ([N, K] = ``shape``), kept in ``cache`` per weight tensor
-    and its version counter (a dict keyed by id plus a weak reference: ~10x cheaper per call than
-    ``WeakTensorKeyDictionary``; the entry goes when the weight is freed), or None where nothing
-    is kept: inference tensors (no version counter), a weight found changed in place since it was
-    seen (QuZO perturbs its weights before every forward: a kept copy would never be reused and
-    would double the weight's memory, so it is never packed again) and, when ``lazy``, a weight's
-    first use (only a weight used twice unchanged is packed: packing costs ~10-100 GEMV calls).
-    """
+def _stamp(weight: torch.Tensor, deps: tuple) -> Optional[tuple]:
+    """What a kept pack of ``weight`` is valid for: its version counter and, for each of ``deps``
+    (the scales / zero points baked into the pack, or None), its data pointer and version; None
+    where a tensor has no version counter (inference tensors)."""
     version = _tensor_version(weight)
     if version is None:
+        return None
+    stamp = [version]
+    for dep in deps:
+        if dep is None:
+            stamp.append(None)
+            continue
+        dep_version = _tensor_version(dep)
+        if dep_version is None:
+            return None
+        stamp += (dep.data_ptr(), dep_version)
+    return tuple(stamp)
+
+
+def _cached_pack(cache: dict, weight: torch.Tensor, shape, pack, lazy: bool, deps: tuple = ()):
+    """``pack()``'s result for ``weight`` ([N, K] = ``shape``), kept in ``cache`` per weight tensor
+    and its version counter (a dict keyed by id plus a weak reference: ~10x cheaper per call than
+    ``WeakTensorKeyDictionary``; the entry goes when the weight is freed) and per the data and
+    version of ``deps`` (the scales / zero points the pack bakes in: a pack is not reused after
+    they change or are replaced; the entry holds them, so a replaced one's memory is not reused
+    while it is compared with), or None where nothing is kept: inference tensors (no version
+    counter), a weight found changed in place since it was seen (QuZO perturbs its weights before
+    every forward: a kept copy would never be reused and would double the weight's memory, so it
+    is never packed again) and, when ``lazy``, a weight's first use (only a weight used twice
+    unchanged is packed: packing costs ~10-100 GEMV calls).
+    """
+    stamp = _stamp(weight, deps)
+    if stamp is None:
         return None
     key = id(weight)
     hit = cache.get(key)
     if hit is None or hit[0]() is not weight:
         packed = None if lazy else pack()
-        cache[key] = (weakref.ref(weight, lambda _, k=key: cache.pop(k, None)), version, shape, packed)
+        cache[key] = (weakref.ref(weight, lambda _, k=key: cache.pop(k, None)), stamp, shape, packed, deps)
         return packed
-    if hit[1] != version or hit[2] != shape:  # changed in place (or a stale entry of another shape)
-        cache[key] = (hit[0], None, None, None)
+    if hit[1] is None or hit[1][0] != stamp[0] or hit[2] != shape:
+        # the weight changed in place (or a stale entry of another shape): never kept again
+        cache[key] = (hit[0], None, None, None, ())
         return None
+    if hit[1] != stamp:  # only its scales / zero points changed or were replaced: as a first use
+        packed = None if lazy else pack()
+        cache[key] = (hit[0], stamp, shape, packed, deps)
+        return packed
     if hit[3] is None:  # second use, unchanged: pack and keep
-        cache[key] = hit = (hit[0], version, shape, pack())
+        cache[key] = hit = (hit[0], stamp, shape, pack(), deps)
     return hit[3]
 
 
-def _current_pack(cache: dict, weight: torch.Tensor):
-    """The packed form of ``weight`` in ``cache`` if it is current, else None (the hot path: no
-    packing, no bookkeeping)."""
+def _current_pack(cache: dict, weight: torch.Tensor, deps: tuple = ()):
+    """The packed form of ``weight`` in ``cache`` if it is current (``deps`` as for
+    :func:`_cached_pack`), else None (the hot path: no packing, no bookkeeping)."""
     hit = cache.get(id(weight))
     if hit is None or hit[3] is None or hit[0]() is not weight:
         return None
-    return hit[3] if hit[1] == _tensor_version(weight) else None
+    return hit[3] if hit[1] == _stamp(weight, deps) else None
 
 
 def _tensor_version(t: torch.Tensor) -> Optional[int]:
@@ -536,17 +563,17 @@ def _tensor_version(t: torch.Tensor) -> Optional[int]:
         return None
 
 
-def _onednn_weight(codes, shape: torch.Size, cache_key: Optional[torch.Tensor], lazy: bool):
+def _onednn_weight(codes, shape: torch.Size, cache_key: Optional[torch.Tensor], lazy: bool, deps: tuple = ()):
     """``(packed, zeros)``: the oneDNN-prepacked int8 weight ``codes()`` ([N, K] = ``shape``) and its
     zero points, kept per ``cache_key`` by :func:`_cached_pack` (``codes`` is a callable so that a
-    cached int4 weight is not unpacked). Where nothing is kept: ``(None, None)`` when ``lazy`` (CPUs
+    cached int4 weight is not unpacked; ``deps``: the zero points ``codes()`` takes off). Where nothing is kept: ``(None, None)`` when ``lazy`` (CPUs
     where ``torch._int_mm`` is fast: the caller runs it), else a weight packed for this call only
     (with its zero points).
     """
     def pack():
         return torch.ops.onednn.qlinear_prepack(codes(), None), torch.zeros(shape[0], dtype=torch.int64)
 
-    kept = None if cache_key is None else _cached_pack(_PACKED, cache_key, shape, pack, lazy)
+    kept = None if cache_key is None else _cached_pack(_PACKED, cache_key, shape, pack, lazy, deps)
     if kept is not None:
         return kept
     return (None, None) if lazy else pack()  # packed for this call only
@@ -561,10 +588,12 @@ def _onednn_linear(x: torch.Tensor, zero_point: int, packed: torch.Tensor, w_sca
     )
 
 
-def _fbgemm_weight(codes, shape: torch.Size, w_scale: torch.Tensor, cache_key: Optional[torch.Tensor]):
+def _fbgemm_weight(codes, shape: torch.Size, w_scale: torch.Tensor, cache_key: Optional[torch.Tensor],
+                   deps: tuple = ()):
     """FBGEMM's packed per-channel int8 weight for ``codes()`` ([N, K] = ``shape``) with scales
-    ``w_scale`` [N, 1], or None: packed only on the second unchanged use of ``cache_key``, never for
-    a weight that changed in place (:func:`_cached_pack`)."""
+    ``w_scale`` [N, 1], or None: packed only on the second unchanged use of ``cache_key`` (and of
+    ``w_scale`` and ``deps``, the zero points ``codes()`` takes off), never for a weight that changed
+    in place (:func:`_cached_pack`)."""
     def pack():
         old_engine = torch.backends.quantized.engine
         try:
@@ -577,7 +606,7 @@ def _fbgemm_weight(codes, shape: torch.Size, w_scale: torch.Tensor, cache_key: O
         finally:
             torch.backends.quantized.engine = old_engine
 
-    return None if cache_key is None else _cached_pack(_FBGEMM, cache_key, shape, pack, lazy=True)
+    return None if cache_key is None else _cached_pack(_FBGEMM, cache_key, shape, pack, True, (w_scale, *deps))
 
 
 def _fbgemm_linear(x2: torch.Tensor, packed, qmax: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -596,14 +625,14 @@ def _fbgemm_linear(x2: torch.Tensor, packed, qmax: int, bias: Optional[torch.Ten
     return acc if bias is None else acc.add_(bias)
 
 
-def _gemm_weight(codes, shape: torch.Size, name: str, cache_key: Optional[torch.Tensor]):
+def _gemm_weight(codes, shape: torch.Size, name: str, cache_key: Optional[torch.Tensor], deps: tuple = ()):
     """``(packed, zeros)``: the oneDNN weight :func:`_scaled_gemm` multiplies by for backend
     ``name`` (kept per ``cache_key`` by :func:`_onednn_weight`), or ``(None, None)`` where it runs
     ``torch._int_mm``: "int_mm", "fbgemm" (a weight not (yet) FBGEMM-packed) and, on VNNI / AMX,
     a weight that is not kept packed."""
     if name in ("int_mm", "fbgemm"):
         return None, None
-    return _onednn_weight(codes, shape, cache_key, lazy=_has_int8_dot_instructions())
+    return _onednn_weight(codes, shape, cache_key, _has_int8_dot_instructions(), deps)
 
 
 def _scaled_gemm(qx: torch.Tensor, codes, w_scale: torch.Tensor, name: str, packed, zeros) -> torch.Tensor:
@@ -660,7 +689,7 @@ def int8_gemm_cpu(qx: torch.Tensor, qw: torch.Tensor, backend: Optional[str] = N
 
 
 _INT4_GROUPS = (256, 128, 64, 32)  # the group lengths ATen's int4 CPU kernel takes
-_INT4PACKED: dict = {}  # id(qweight) -> (weakref, version, (N, K, dtype), (ATen int4pack, scales and zeros))
+_INT4PACKED: dict = {}  # id(qweight) -> (weakref, stamp, (N, K, dtype), (ATen int4pack, scales and zeros), deps)
 
 
 def _aten_int4_group(n: int, group_len: int) -> Optional[int]:
@@ -691,10 +720,11 @@ def _aten_int4_linear(x2: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Te
         scales, zeros = (t.repeat_interleave(group_len // g, dim=1).t() for t in (w_scale, zeros))  # [K / g, N]
         return packed, torch.stack((scales, zeros), -1).to(x2.dtype).contiguous()
 
-    hit = _current_pack(_INT4PACKED, qweight)  # the cheap check first: the hot path of a kept weight
+    deps = (w_scale, w_zero)  # baked into the pack
+    hit = _current_pack(_INT4PACKED, qweight, deps)  # the cheap check first: the hot path of a kept weight
     if hit is None or hit[1].dtype != x2.dtype:
         # kept from the first use; a weight changed in place (QuZO) or used with another dtype: this call only
-        hit = _cached_pack(_INT4PACKED, qweight, (n, k, x2.dtype), pack, lazy=False) or pack()
+        hit = _cached_pack(_INT4PACKED, qweight, (n, k, x2.dtype), pack, False, deps) or pack()
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), hit[0], g, hit[1])
 
 
@@ -787,14 +817,14 @@ def _qlinear_cpu(x, qweight, w_scale, bias, act_bits, bits, w_zero=None):
     qmax = A7_QMAX if name in _A7 else QMAX[8]
     fp32_bias = None if bias is None else bias.float().contiguous()
     if name in _FBGEMM_BACKENDS and groups == 1 and x2.shape[0]:
-        packed = _current_pack(_FBGEMM, qweight)  # the cheap check first: the hot path of a packed weight
+        packed = _current_pack(_FBGEMM, qweight, (w_scale, w_zero))  # the cheap check first: the hot path
         if packed is None:  # packed on its second unchanged use
-            packed = _fbgemm_weight(codes, shape, w_scale, qweight)
+            packed = _fbgemm_weight(codes, shape, w_scale, qweight, (w_zero,))
         if packed is not None and k:
             return _epilogue(_fbgemm_linear(x2, packed, qmax, fp32_bias), x, None, n)
     if groups == 1 and x2.shape[0] and k and n:
         cache_key = None if name in _FBGEMM_BACKENDS else qweight  # the FBGEMM backends keep no oneDNN copy
-        packed, zeros = _gemm_weight(codes, shape, name, cache_key)
+        packed, zeros = _gemm_weight(codes, shape, name, cache_key, (w_zero,))
         if packed is None:  # torch._int_mm: the fused C++ op runs it where it is built
             out = cpu_ext.w8a8_int_mm(x2.float().contiguous(), codes(), w_scale.reshape(n).float().contiguous(),
                                        qmax, fp32_bias)

@@ -330,7 +330,7 @@ def test_builds_for_narrower_vector_units_are_bit_identical_too(monkeypatch, cap
             with qmatmul.use_cpu_int8_backend(backend):
                 for _ in range(2):
                     out = int8_linear(x, qw.qweight, qw.scale, b)
-                assert qmatmul._current_pack(qmatmul._FBGEMM, qw.qweight) is not None
+                assert qmatmul._current_pack(qmatmul._FBGEMM, qw.qweight, (qw.scale, None)) is not None
                 ref = _aten_path(monkeypatch, lambda: int8_linear(x, qw.qweight, qw.scale, b))
             assert torch.equal(out, ref), (backend, m, k, n)
     for bits, n, k, group_size in ZO_CASES[:4]:
@@ -378,7 +378,7 @@ def test_fused_w8a8_leaves_rows_with_inf_or_nan_to_the_aten_path(monkeypatch, ba
     with qmatmul.use_cpu_int8_backend(BACKENDS[-1]):
         for _ in range(2):  # packed on its second use
             int8_linear(x[:1], qw.qweight, qw.scale, b)
-        packed = qmatmul._current_pack(qmatmul._FBGEMM, qw.qweight)
+        packed = qmatmul._current_pack(qmatmul._FBGEMM, qw.qweight, (qw.scale, None))
         assert packed is not None
         assert cpu_ext.w8a8_linear(x, packed, 127, b) is None
         assert cpu_ext.w8a8_linear(x[:row].contiguous(), packed, 127, b) is not None  # the rows before it
@@ -415,7 +415,7 @@ def test_fused_w8a8_rejects_a_feature_count_the_weight_does_not_have():
     with qmatmul.use_cpu_int8_backend(BACKENDS[-1]):
         for _ in range(2):  # packed on its second use
             int8_linear(x[:1], qw.qweight, qw.scale, b)
-        packed = qmatmul._current_pack(qmatmul._FBGEMM, qw.qweight)
+        packed = qmatmul._current_pack(qmatmul._FBGEMM, qw.qweight, (qw.scale, None))
         with pytest.raises(RuntimeError, match="x has 63 features, the weight 64"):
             cpu_ext.w8a8_linear(x[:, :63].contiguous(), packed, 127, None)
 

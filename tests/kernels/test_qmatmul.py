@@ -216,15 +216,58 @@ def test_fbgemm_packs_only_weights_used_twice_unchanged_and_follows_in_place_upd
     with qmatmul.use_cpu_int8_backend(backend):
         for _ in range(2):
             int8_linear(x, const.qweight, const.scale)
-        assert qmatmul._current_pack(qmatmul._FBGEMM, const.qweight) is not None
+        assert qmatmul._current_pack(qmatmul._FBGEMM, const.qweight, (const.scale, None)) is not None
         for seed in range(3):
             int8_linear(x, moving.qweight, moving.scale)
             zo_perturb_int_(moving.qweight, moving.scale, seed=seed + 1, eps=0.05, sign=1, bits=8)
             out = int8_linear(x, moving.qweight, moving.scale)
             ref = qlinear_ref(x, moving.qweight, moving.scale, act_qmax=qmax)
             assert rel_err(out, ref) <= REL_TOL[torch.float32]
-            assert qmatmul._current_pack(qmatmul._FBGEMM, moving.qweight) is None
+            assert qmatmul._current_pack(qmatmul._FBGEMM, moving.qweight, (moving.scale, None)) is None
         assert qmatmul._FBGEMM[id(moving.qweight)][3] is None
+
+
+@pytest.mark.parametrize("path", ["fbgemm_a7", "onednn_a7", "aten_int4"])
+def test_kept_packs_follow_changed_or_replaced_scales_and_zero_points(monkeypatch, path):
+    """A pack kept for an unchanged weight bakes in its scales (FBGEMM, ATen's int4 kernel) and zero
+    points (the int4 codes oneDNN / FBGEMM pack, ATen's int4 zeros): after the scales change in
+    place, or the zero points are replaced by another tensor, the output follows them (the
+    weight's own codes never change here)."""
+    gen = torch.Generator().manual_seed(5)
+    if path == "aten_int4":  # as on an AVX-512 CPU without bf16 dot products: bf16, 5 tokens
+        monkeypatch.setattr(qmatmul, "_has_bf16_dot_instructions", lambda: False)
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+        x, group, act_bits, cache = torch.randn(5, 64, generator=gen).bfloat16(), 32, 16, qmatmul._INT4PACKED
+    else:
+        x, group, act_bits = torch.randn(5, 64, generator=gen), None, 8
+        cache = qmatmul._FBGEMM if path.startswith("fbgemm") else qmatmul._PACKED
+    if path.startswith("fbgemm") and not torch.backends.quantized.supported_engines.count("fbgemm"):
+        pytest.skip("torch build without FBGEMM")
+    qw = quantize_weight(torch.randn(48, 64, generator=gen), 4, group, symmetric=False)
+    backend = "onednn_a7" if path == "aten_int4" else path
+    act_qmax = qmatmul.A7_QMAX
+
+    def run(scale, zero):
+        with qmatmul.use_cpu_int8_backend(backend):
+            return int4_linear(x, qw.qweight, scale, None, group, act_bits, w_zero=zero)
+
+    def ref(scale, zero):
+        return qlinear_ref(x, qw.qweight, scale, None, act_bits, 4, act_qmax=act_qmax, w_zero=zero)
+
+    tol = _tol(torch.bfloat16) if path == "aten_int4" else REL_TOL[torch.float32]
+    scale, zero = qw.scale, qw.zero
+    for _ in range(3):  # kept from the first or second use
+        out = run(scale, zero)
+    assert cache[id(qw.qweight)][3] is not None
+    assert rel_err(out, ref(scale, zero)) <= tol
+    scale.mul_(1.5)
+    out = run(scale, zero)
+    assert rel_err(out, ref(scale, zero)) <= tol
+    zero = (zero + 1).clamp_(-8, 7)  # another tensor
+    for _ in range(3):
+        out = run(scale, zero)
+        assert rel_err(out, ref(scale, zero)) <= tol
+    assert cache[id(qw.qweight)][3] is not None  # kept again for the new zero points
 
 
 def test_cached_weight_follows_in_place_updates():
@@ -255,11 +298,11 @@ def test_onednn_cache_keeps_no_copy_of_weights_changed_in_place():
     got = int8_gemm_cpu(x, changing, backend="onednn", cache_key=changing)
     assert torch.equal(got.double(), (x.long() @ changing.long().T).double())
     assert qmatmul._PACKED[id(const)][3] is not None
-    assert qmatmul._PACKED[id(changing)][1:] == (None, None, None)  # marked changing: never packed
+    assert qmatmul._PACKED[id(changing)][1:4] == (None, None, None)  # marked changing: never packed
     changing.add_(-1)
     got = int8_gemm_cpu(x, changing, backend="onednn", cache_key=changing)
     assert torch.equal(got.double(), (x.long() @ changing.long().T).double())
-    assert qmatmul._PACKED[id(changing)][1:] == (None, None, None)
+    assert qmatmul._PACKED[id(changing)][1:4] == (None, None, None)
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -442,7 +485,7 @@ def test_w4a16_bf16_without_bf16_dot_products_runs_atens_int4_kernel_and_follows
     x = torch.randn(5, k, generator=gen).bfloat16()
     qw = quantize_weight(torch.randn(48, k, generator=gen) / k**0.5, 4, group_size, qmax=ZO_QMAX[4])
     out = int4_linear(x, qw.qweight, qw.scale, None, group_size, act_bits=16)
-    assert qmatmul._current_pack(qmatmul._INT4PACKED, qw.qweight) is not None
+    assert qmatmul._current_pack(qmatmul._INT4PACKED, qw.qweight, (qw.scale, None)) is not None
     assert out.dtype == torch.bfloat16
     assert rel_err(out, qlinear_ref(x, qw.qweight, qw.scale, None, 16, 4)) <= _tol(torch.bfloat16)
     zo_perturb_int_(qw.qweight, qw.scale, seed=3, eps=0.5, sign=1, bits=4)
@@ -505,7 +548,7 @@ def test_onednn_split_gemm_without_vnni_packs_on_first_use_and_stays_exact(monke
     w.add_(1)
     got = int8_gemm_cpu(x, w, backend="onednn", cache_key=w)
     assert torch.equal(got.double(), (x.long() @ w.long().T).double())
-    assert qmatmul._PACKED[id(w)][1:] == (None, None, None)
+    assert qmatmul._PACKED[id(w)][1:4] == (None, None, None)
 
 
 # ------------------------------------------------------------------ int4 with zero points (asymmetric)
