@@ -3,6 +3,7 @@
 // group's centre c = 8 + its zero point (8 without zero points), as dequantize_ref(q, scale, zero),
 // or that product rounded to bf16 (nearest even), as dequantize_ref(q, scale, zero).to(torch.bfloat16).
 // One pass from the packed nibbles.
+#include "nibbles.h"
 #include "ops.h"
 
 #include <ATen/Parallel.h>
@@ -64,9 +65,8 @@ void dequant_group(const uint8_t* in, float s, int32_t centre, int64_t bytes, vo
   const __m256 vs = _mm256_set1_ps(s);
   const __m256i vc = _mm256_set1_epi32(centre);
   for (; c + 8 <= bytes; c += 8) {
-    const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(in + c)));
-    const __m256 lo = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(b, _mm256_set1_epi32(0xF)), vc)), vs);
-    const __m256 hi = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(b, 4), vc)), vs);
+    __m256 lo, hi;
+    colafx::nibbles8(in + c, vc, vs, lo, hi);
     if constexpr (BF16) {
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(o16 + 2 * c), _mm256_or_si256(bf16_bits(lo), _mm256_slli_epi32(bf16_bits(hi), 16)));
     } else {  // unpack pairs within 128-bit halves, then put the halves in order
@@ -77,8 +77,8 @@ void dequant_group(const uint8_t* in, float s, int32_t centre, int64_t bytes, vo
   }
 #endif
   for (; c < bytes; ++c) {
-    const float lo = static_cast<float>(static_cast<int32_t>(in[c] & 0xF) - centre) * s;
-    const float hi = static_cast<float>(static_cast<int32_t>(in[c] >> 4) - centre) * s;
+    float lo, hi;
+    colafx::nibbles1(in[c], centre, s, lo, hi);
     if constexpr (BF16) {
       o16[2 * c] = bf16_bits(lo);
       o16[2 * c + 1] = bf16_bits(hi);

@@ -6,6 +6,7 @@
 // registers. bf16 x on AVX512-BF16 CPUs goes straight into bf16 dot products (namespace bf16dot);
 // otherwise x (few rows) is widened to fp32 once, its columns reordered so that the low and high
 // nibbles of a run of bytes meet contiguous x, for fp32 FMAs.
+#include "nibbles.h"
 #include "ops.h"
 
 #include <ATen/Parallel.h>
@@ -66,23 +67,13 @@ inline float vsum(V a) {
   return _mm_cvtss_f32(_mm_add_ss(r, _mm_movehdup_ps(r)));
 }
 struct Tab {
-  __m256 s, c;  // scale, centre (Z)
+  __m256 s;
+  __m256i c;  // scale, centre (8 without zero points)
 };
 template <bool Z>
-inline Tab table(float s, float c) { return {_mm256_set1_ps(s), _mm256_set1_ps(c)}; }
+inline Tab table(float s, float c) { return {_mm256_set1_ps(s), _mm256_set1_epi32(Z ? static_cast<int32_t>(c) : 8)}; }
 template <bool Z>
-inline void unpack(const uint8_t* p, const Tab& t, V& lo, V& hi) {
-  const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-  const __m256i l = _mm256_and_si256(b, _mm256_set1_epi32(0xF)), h = _mm256_srli_epi32(b, 4);
-  if constexpr (Z) {  // small integers: the float subtraction is exact
-    lo = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(l), t.c), t.s);
-    hi = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(h), t.c), t.s);
-  } else {
-    const __m256i eight = _mm256_set1_epi32(8);
-    lo = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(l, eight)), t.s);
-    hi = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(h, eight)), t.s);
-  }
-}
+inline void unpack(const uint8_t* p, const Tab& t, V& lo, V& hi) { colafx::nibbles8(p, t.c, t.s, lo, hi); }
 #else
 constexpr int W = 1, MB = 4;
 using V = float;
@@ -92,15 +83,13 @@ inline V vload(const float* p) { return *p; }
 inline V vfma(V a, V b, V c) { return a * b + c; }
 inline float vsum(V a) { return a; }
 struct Tab {
-  float s, c;
+  float s;
+  int32_t c;
 };
 template <bool Z>
-inline Tab table(float s, float c) { return {s, Z ? c : 8.f}; }
+inline Tab table(float s, float c) { return {s, Z ? static_cast<int32_t>(c) : 8}; }
 template <bool Z>
-inline void unpack(const uint8_t* p, const Tab& t, V& lo, V& hi) {
-  lo = (static_cast<float>(*p & 0xF) - t.c) * t.s;
-  hi = (static_cast<float>(*p >> 4) - t.c) * t.s;
-}
+inline void unpack(const uint8_t* p, const Tab& t, V& lo, V& hi) { colafx::nibbles1(*p, t.c, t.s, lo, hi); }
 #endif
 constexpr int64_t CHUNK = 2 * W;  // columns per unpack: W bytes
 
