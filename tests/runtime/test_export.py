@@ -414,6 +414,43 @@ def test_cli_asymmetric_int4_export_with_quantized_head(tmp_path, capsys):
         quantize_for_export(presets.build("llama-tiny", seed=0), "int8", symmetric=False)
 
 
+def test_cli_group_size_sets_the_matmulnbits_block_and_is_refused_where_it_cannot_apply(tmp_path, capsys):
+    """``--group-size 64``: every MatMulNBits has block_size 64 with one scale per 64 input columns, and
+    the graph agrees with the PyTorch model quantized with 64-column groups; a group that is not a
+    power of two, one that does not divide a linear's d_in (the error names it), int8, and an
+    already-quantized checkpoint are refused with one line."""
+    import onnx
+
+    colafx.save(presets.build("llama-tiny", seed=0, intermediate_size=192), tmp_path / "ckpt")  # 64 | every d_in
+    assert main(["export", "--model", str(tmp_path / "ckpt"), "--out", str(tmp_path / "m.onnx"),
+                 "--quant", "int4", "--quant-head", "--asymmetric", "--group-size", "64"]) == 0
+    reference = quantize_for_export(colafx.load(tmp_path / "ckpt"), "int4", head=True, symmetric=False,
+                                    group_size=64).eval()
+    assert reference.model.layers[0].mlp.down_proj.scale.shape == (64, 192 // 64)
+    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    inits = {t.name: t for t in graph.initializer}
+    nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 9
+    for node in nbits:
+        attrs = {a.name: a.i for a in node.attribute}
+        assert attrs["block_size"] == 64
+        assert int(np.prod(inits[node.input[2]].dims)) == attrs["N"] * attrs["K"] // 64
+    ids = _ids((2, 9))
+    expected = _logits(reference, ids)
+    np.testing.assert_allclose(OnnxCausalLM(tmp_path / "m.onnx").forward(ids)[0], expected,
+                               atol=3e-2 * np.abs(expected).max(), rtol=0)
+    for extra, message in ((["--quant", "int4", "--group-size", "48"], "power of two >= 16"),
+                           (["--quant", "int4", "--group-size", "128"], "does not divide d_in 64"),
+                           (["--quant", "int8", "--group-size", "64"], "--group-size needs --quant int4")):
+        assert main(["export", "--model", str(tmp_path / "ckpt"), "--out", str(tmp_path / "x.onnx"), *extra]) == 1
+        assert message in capsys.readouterr().err
+    colafx.save(reference, tmp_path / "quantized")
+    assert main(["export", "--model", str(tmp_path / "quantized"), "--out", str(tmp_path / "y.onnx"),
+                 "--quant", "int4", "--group-size", "64"]) == 1
+    assert "--group-size" in capsys.readouterr().err
+    assert not (tmp_path / "x.onnx").exists() and not (tmp_path / "y.onnx").exists()
+
+
 def test_cli_gptq_export_is_calibrated_on_the_given_text(tmp_path, capsys, docs, tokenizer_dir):
     """``--gptq TEXT``: the graph holds GPTQ weights (the PyTorch model quantized with the same
     calibration ids agrees with it), in the asymmetric int4 format; refused without --quant, for a
