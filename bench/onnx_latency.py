@@ -6,7 +6,8 @@ colafx variants (``colafx.export_onnx``, KV cache): dense fp32, cola (CoLA fp32)
 stays fp32), int4-head-asym (asymmetric int4, ``--asymmetric``: onnxruntime's int4 grid with a zero
 point per block, which MatMulNBits reads), int4-head-asym-gptq (the same format with GPTQ weights,
 ``--gptq``, calibrated on ``--calibration-tokens`` tokens of WikiText-2 *train*, held out from the
-test text the accuracy is measured on). Quantized linears are onnxruntime's fused ``com.microsoft::MatMulNBits`` (the default
+test text the accuracy is measured on), int4-head-asym-gptq-g64 (the same with a scale and zero point
+per 64 input columns, ``--group-size 64``: fewer bytes per token). Quantized linears are onnxruntime's fused ``com.microsoft::MatMulNBits`` (the default
 ``onnx_ops="contrib"``); a ``-std`` suffix exports them with standard ai.onnx operators instead
 (int8: the op's exact per-token quantization + ``MatMulInteger``, ~14 nodes per linear), a ``-vnni``
 suffix with ``onnx_ops="contrib-vnni"`` (int8: the op's per-token codes through
@@ -15,7 +16,11 @@ suffix with ``onnx_ops="contrib-vnni"`` (int8: the op's per-token codes through
 onnxruntime peers, on the dense export after ``quant_pre_process`` (so the tied head becomes a
 MatMul with a constant weight and is quantized too): ``quantize_dynamic`` on MatMul with QUInt8
 weights (ort-u8), QUInt8 + ``reduce_range`` (ort-u8-rr), QInt8 per channel (ort-s8-pc); and
-``MatMulNBitsQuantizer`` int4, block 32, asymmetric, accuracy_level 4 (ort-int4).
+``MatMulNBitsQuantizer`` int4, block 32, asymmetric, accuracy_level 4 (ort-int4), and the same with
+block 64 (ort-int4-b64), the same-block peer of the -g64 variant. The ``-fp32head`` int8 peers
+leave the head MatMul in fp32 (``nodes_to_exclude``), the like-for-like peers of colafx's int8 rows
+without ``-head``; pairings pair rows with the same head treatment (int4: block 32 with block 32; the
+-g64 variant with both int4 peers).
 
 Accuracy is measured against the **fp32** model on real text (WikiText-2 test, ``--eval-tokens`` in
 windows of ``--eval-window``): mean |Δlogit| and top-1 agreement with the dense fp32 export, and
@@ -52,13 +57,14 @@ from colafx.runtime.export import OnnxCausalLM, export_onnx, meta_path, onnxrunt
 from colafx.runtime.data import calibration_ids
 from colafx.runtime.models import load_model, load_tokenizer
 
-COLAFX = ("dense", "cola", "int8", "int8-head", "int4", "int4-head", "int4-head-asym", "int4-head-asym-gptq", "int8-std",
-          "int8-head-std", "int4-head-std", "int8-vnni", "int8-head-vnni")
+COLAFX = ("dense", "cola", "int8", "int8-head", "int4", "int4-head", "int4-head-asym", "int4-head-asym-gptq",
+          "int4-head-asym-gptq-g64", "int8-std", "int8-head-std", "int4-head-std", "int8-vnni", "int8-head-vnni")
 ONNX_OPS_SUFFIX = {"-std": "standard", "-vnni": "contrib-vnni"}
-ORT = ("ort-u8", "ort-u8-rr", "ort-s8-pc", "ort-int4")
+ORT_INT8 = ("ort-u8", "ort-u8-rr", "ort-s8-pc")
+ORT = (*ORT_INT8, *(f"{n}-fp32head" for n in ORT_INT8), "ort-int4", "ort-int4-b64")
 VARIANTS = COLAFX + ORT
 DEFAULT = ("dense", "int8", "int8-head", "int8-head-std", *(("int8-head-vnni",) if onnxruntime_u8s8_exact() else ()),
-           "int4-head", "int4-head-asym", "int4-head-asym-gptq", *ORT)
+           "int4-head", "int4-head-asym", "int4-head-asym-gptq", "int4-head-asym-gptq-g64", *ORT)
 PROMPT = "The capital of France is"
 
 
@@ -109,7 +115,8 @@ def build_variant(base: torch.nn.Module, name: str, rank: float, calibration=Non
         colafx.colaify(model, rank=rank, init="svd")
     elif name.startswith("int"):
         quantize_for_export(model, name[:4], head="-head" in name, symmetric="-asym" not in name,
-                            calibration=calibration if name.endswith("-gptq") else None)
+                            calibration=calibration if "-gptq" in name else None,
+                            group_size=64 if name.endswith("-g64") else 32)
     return model.eval()
 
 
@@ -128,15 +135,18 @@ def ort_quantize(name: str, dense: Path, folder: Path) -> Path:
         quant_pre_process(str(dense), str(pre), skip_symbolic_shape=True)
     path = folder / name / "model.onnx"
     path.parent.mkdir(parents=True, exist_ok=True)
-    if name == "ort-int4":
-        quantizer = MatMulNBitsQuantizer(onnx.load(str(pre)), bits=4, block_size=32, is_symmetric=False,
-                                         accuracy_level=4)
+    if name.startswith("ort-int4"):
+        quantizer = MatMulNBitsQuantizer(onnx.load(str(pre)), bits=4, block_size=64 if name.endswith("-b64") else 32,
+                                         is_symmetric=False, accuracy_level=4)
         quantizer.process()
         quantizer.model.save_model_to_file(str(path), False)
     else:
         options = {"ort-u8": dict(weight_type=QuantType.QUInt8),
                    "ort-u8-rr": dict(weight_type=QuantType.QUInt8, reduce_range=True),
-                   "ort-s8-pc": dict(weight_type=QuantType.QInt8, per_channel=True)}[name]
+                   "ort-s8-pc": dict(weight_type=QuantType.QInt8, per_channel=True)}[name.removesuffix("-fp32head")]
+        if name.endswith("-fp32head"):  # the MatMul that writes the logits output stays fp32
+            graph = onnx.load(str(pre), load_external_data=False).graph
+            options["nodes_to_exclude"] = [n.name for n in graph.node if graph.output[0].name in n.output]
         quantize_dynamic(str(pre), str(path), op_types_to_quantize=["MatMul"], **options)
     meta = json.loads(meta_path(dense).read_text())
     meta.update(quant=name, onnx_ops="onnxruntime.quantization", tokenizer=None)
@@ -216,18 +226,27 @@ def plot(rows: list[dict], path: Path) -> None:
     atomic_write_bytes(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
 
 
+def peers_of(variant: str) -> tuple[str, ...]:
+    """The onnxruntime rows a colafx variant is compared with: the same bits and the same head
+    treatment (int8 with a quantized head: ORT's int8 rows, which quantize the head; int8 with the
+    fp32 head: the -fp32head rows; int4 with a quantized head: ort-int4, block 32, and for the -g64
+    variant also ort-int4-b64, its block)."""
+    if variant.startswith("int4"):
+        return () if "-head" not in variant else ("ort-int4", "ort-int4-b64") if variant.endswith("-g64") else \
+            ("ort-int4",)
+    if variant.startswith("int8"):
+        return ORT_INT8 if "-head" in variant else tuple(f"{n}-fp32head" for n in ORT_INT8)
+    return ()
+
+
 def pairings(rows: list[dict]) -> list[dict]:
-    """colafx int8 rows against onnxruntime's int8 rows, int4 against int4: decode and prefill
-    ratios, wall-clock and CPU time (colafx / onnxruntime; < 1 = colafx faster), and the top-1
-    lead in points."""
+    """colafx rows against their like-for-like onnxruntime rows (:func:`peers_of`): decode and
+    prefill ratios, wall-clock and CPU time (colafx / onnxruntime; < 1 = colafx faster), and the
+    top-1 lead in points."""
     by_name = {r["variant"]: r for r in rows}
     out = []
     for mine in rows:
-        bits = mine["variant"][:4]
-        if bits not in ("int8", "int4"):
-            continue
-        for peer in ([n for n in ("ort-u8", "ort-u8-rr", "ort-s8-pc") if n in by_name] if bits == "int8"
-                     else [n for n in ("ort-int4",) if n in by_name]):
+        for peer in [n for n in peers_of(mine["variant"]) if n in by_name]:
             other = by_name[peer]
             out.append({"colafx": mine["variant"], "onnxruntime": peer,
                         "decode_ratio": mine["decode_ms"] / other["decode_ms"],
@@ -278,7 +297,7 @@ def main(argv=None) -> int:
         path, export_s, model = folder / name / "model.onnx", None, None
         if name in COLAFX:
             calibration = None
-            if name.endswith("-gptq"):
+            if "-gptq" in name:
                 calibration = calibration_ids(Path(args.data_dir) / "wikitext-2" / "train.txt", tokenizer,
                                               args.calibration_tokens)
             model = build_variant(base, name, args.rank, calibration)
