@@ -10,11 +10,17 @@
 namespace colafx {
 
 #if defined(__AVX2__) || defined(__AVX512F__)
-// 8 bytes -> the 8 low-nibble values (lo) and the 8 high-nibble values (hi)
-inline void nibbles8(const uint8_t* p, __m256i centre, __m256 scale, __m256& lo, __m256& hi) {
+// 8 bytes -> nibble - centre as fp32: the 8 low-nibble values (lo) and the 8 high-nibble values (hi)
+inline void codes8(const uint8_t* p, __m256i centre, __m256& lo, __m256& hi) {
   const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-  lo = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(b, _mm256_set1_epi32(0xF)), centre)), scale);
-  hi = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(b, 4), centre)), scale);
+  lo = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(b, _mm256_set1_epi32(0xF)), centre));
+  hi = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(b, 4), centre));
+}
+// the same, times scale
+inline void nibbles8(const uint8_t* p, __m256i centre, __m256 scale, __m256& lo, __m256& hi) {
+  codes8(p, centre, lo, hi);
+  lo = _mm256_mul_ps(lo, scale);
+  hi = _mm256_mul_ps(hi, scale);
 }
 #endif
 
