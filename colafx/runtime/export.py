@@ -504,7 +504,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                       "folder go beside it)")
     parser.add_argument("--quant", choices=sorted(QUANT_OPS), default=None,
                         help="export integer linears; a model not yet quantized is quantized first "
-                             "(int8: W8A8 per channel, int4: W4 per group of 32)")
+                             "(int8: W8A8 per channel, int4: W4 per group of --group-size columns)")
     parser.add_argument("--quant-head", action="store_true",
                         help="with --quant: quantize the logits head too (smaller, faster decode; a head "
                              "tied to the embedding is untied, the embedding stays float)")
