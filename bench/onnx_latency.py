@@ -231,9 +231,8 @@ def peers_of(variant: str) -> tuple[str, ...]:
     treatment (int8 with a quantized head: ORT's int8 rows, which quantize the head; int8 with the
     fp32 head: the -fp32head rows; int4 with a quantized head: ort-int4, block 32, and for the -g64
     variant also ort-int4-b64, its block)."""
-    if variant.startswith("int4"):
-        return () if "-head" not in variant else ("ort-int4", "ort-int4-b64") if variant.endswith("-g64") else \
-            ("ort-int4",)
+    if variant.startswith("int4") and "-head" in variant:
+        return ("ort-int4", "ort-int4-b64") if variant.endswith("-g64") else ("ort-int4",)
     if variant.startswith("int8"):
         return ORT_INT8 if "-head" in variant else tuple(f"{n}-fp32head" for n in ORT_INT8)
     return ()

@@ -589,11 +589,11 @@ def _onednn_linear(x: torch.Tensor, zero_point: int, packed: torch.Tensor, w_sca
 
 
 def _fbgemm_weight(codes, shape: torch.Size, w_scale: torch.Tensor, cache_key: Optional[torch.Tensor],
-                   deps: tuple = ()):
+                   deps: tuple):
     """FBGEMM's packed per-channel int8 weight for ``codes()`` ([N, K] = ``shape``) with scales
-    ``w_scale`` [N, 1], or None: packed only on the second unchanged use of ``cache_key`` (and of
-    ``w_scale`` and ``deps``, the zero points ``codes()`` takes off), never for a weight that changed
-    in place (:func:`_cached_pack`)."""
+    ``w_scale`` [N, 1], or None: packed only on the second unchanged use of ``cache_key`` and of
+    ``deps`` (what the pack bakes in: ``w_scale`` and the zero points ``codes()`` takes off), never
+    for a weight that changed in place (:func:`_cached_pack`)."""
     def pack():
         old_engine = torch.backends.quantized.engine
         try:
@@ -606,7 +606,7 @@ def _fbgemm_weight(codes, shape: torch.Size, w_scale: torch.Tensor, cache_key: O
         finally:
             torch.backends.quantized.engine = old_engine
 
-    return None if cache_key is None else _cached_pack(_FBGEMM, cache_key, shape, pack, True, (w_scale, *deps))
+    return None if cache_key is None else _cached_pack(_FBGEMM, cache_key, shape, pack, True, deps)
 
 
 def _fbgemm_linear(x2: torch.Tensor, packed, qmax: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -817,9 +817,10 @@ def _qlinear_cpu(x, qweight, w_scale, bias, act_bits, bits, w_zero=None):
     qmax = A7_QMAX if name in _A7 else QMAX[8]
     fp32_bias = None if bias is None else bias.float().contiguous()
     if name in _FBGEMM_BACKENDS and groups == 1 and x2.shape[0]:
-        packed = _current_pack(_FBGEMM, qweight, (w_scale, w_zero))  # the cheap check first: the hot path
+        deps = (w_scale, w_zero)  # baked into the pack
+        packed = _current_pack(_FBGEMM, qweight, deps)  # the cheap check first: the hot path of a packed weight
         if packed is None:  # packed on its second unchanged use
-            packed = _fbgemm_weight(codes, shape, w_scale, qweight, (w_zero,))
+            packed = _fbgemm_weight(codes, shape, w_scale, qweight, deps)
         if packed is not None and k:
             return _epilogue(_fbgemm_linear(x2, packed, qmax, fp32_bias), x, None, n)
     if groups == 1 and x2.shape[0] and k and n:

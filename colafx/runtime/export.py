@@ -607,6 +607,7 @@ def quantize_for_export(model: nn.Module, quant: str, head: bool = False, symmet
             int8, a ``group_size`` that is not a power of two ≥ 16, or one that does not divide a
             linear's d_in (the error names the linear).
     """
+    from colafx.kernels.onnx import nbits_block_size
     from colafx.transform.quantize import QuantConfig, quantize_
 
     if quant not in QUANT_OPS:
@@ -615,8 +616,7 @@ def quantize_for_export(model: nn.Module, quant: str, head: bool = False, symmet
         raise ValueError(f"symmetric=False (zero points) is for int4 exports, got quant={quant!r}")
     if group_size != 32 and quant != "int4":
         raise ValueError(f"group_size is for int4 exports (int8 is per output channel), got quant={quant!r}")
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 16 or \
-            group_size & (group_size - 1):
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or nbits_block_size(0, group_size) is None:
         raise ValueError(f"group_size must be a power of two >= 16 (MatMulNBits' block size), got {group_size!r}")
     algorithm = "rtn" if calibration is None else "gptq"
     config = QuantConfig(weight_bits=8, act_bits=8, algorithm=algorithm) if quant == "int8" else \

@@ -54,9 +54,6 @@ inline void unpack(const uint8_t* p, Tab tab, V& lo, V& hi) {
   lo = _mm512_permutexvar_ps(b, tab);
   hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), tab);
 }
-constexpr bool FOLD = false;  // the table lookup applies the scale for free
-template <bool Z>
-inline void unpack_codes(const uint8_t* p, Tab tab, V& lo, V& hi) { unpack<Z>(p, tab, lo, hi); }
 #elif defined(__AVX2__)
 constexpr int W = 8, MB = 4;
 using V = __m256;
@@ -78,8 +75,9 @@ inline Tab table(float s, float c) { return {_mm256_set1_ps(s), _mm256_set1_epi3
 template <bool Z>
 inline void unpack(const uint8_t* p, const Tab& t, V& lo, V& hi) { colafx::nibbles8(p, t.c, t.s, lo, hi); }
 // one token: nibble - centre without the scale, which multiplies the group's partial sum once (two
-// fewer multiplies per 16 weights, on the FP ports that bound this loop)
-constexpr bool FOLD = true;
+// fewer multiplies per 16 weights, on the FP ports that bound this loop; the AVX-512 table lookup
+// applies the scale for free)
+#define COLAFX_W4A16_FOLD 1
 template <bool Z>
 inline void unpack_codes(const uint8_t* p, const Tab& t, V& lo, V& hi) { colafx::codes8(p, t.c, lo, hi); }
 #else
@@ -98,9 +96,6 @@ template <bool Z>
 inline Tab table(float s, float c) { return {s, Z ? static_cast<int32_t>(c) : 8}; }
 template <bool Z>
 inline void unpack(const uint8_t* p, const Tab& t, V& lo, V& hi) { colafx::nibbles1(*p, t.c, t.s, lo, hi); }
-constexpr bool FOLD = false;
-template <bool Z>
-inline void unpack_codes(const uint8_t* p, const Tab& t, V& lo, V& hi) { unpack<Z>(p, t, lo, hi); }
 #endif
 constexpr int64_t CHUNK = 2 * W;  // columns per unpack: W bytes
 
@@ -119,7 +114,8 @@ void rows(const float* xr, const uint8_t* w, const float* scales, const float* c
     for (int t = 0; t < T; ++t) a[r][t] = vzero();
   for (int64_t col = k0, g = k0 / group_len; col < k1; ++g) {
     const int64_t end = std::min(k1, (g + 1) * group_len);
-    if constexpr (FOLD && T == 1) {  // sum x · (nibble - c) over the group, then one multiply by its scale
+#ifdef COLAFX_W4A16_FOLD
+    if constexpr (T == 1) {  // sum x · (nibble - c) over the group, then one multiply by its scale
       Tab tab[R];
       V part[R];
       for (int r = 0; r < R; ++r) {
@@ -137,6 +133,7 @@ void rows(const float* xr, const uint8_t* w, const float* scales, const float* c
       for (int r = 0; r < R; ++r) a[r][0] = vfma(part[r], vset(scales[(n + r) * groups + g]), a[r][0]);
       continue;
     }
+#endif
     Tab tab[R];
     for (int r = 0; r < R; ++r) tab[r] = table<Z>(scales[(n + r) * groups + g], Z ? centres[(n + r) * groups + g] : 0.f);
     for (; col < end; col += CHUNK) {
