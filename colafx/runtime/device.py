@@ -140,8 +140,15 @@ def environment(device: torch.device, dtype: str | None = None) -> dict:
 
 
 def _cpu_model() -> str:
+    """The CPU's model name with its CPUID family and model (names such as "AMD EPYC" do not tell
+    the generation apart: family 25 model 17 is a Zen 4, family 26 a Zen 5)."""
     try:
         with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "cpu")
+            fields = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines() if ":" in line)
     except OSError:
         return platform.processor() or "cpu"
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    name = fields.get("model name", "cpu")
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']}, model {fields['model']})"
+    return name
