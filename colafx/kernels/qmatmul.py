@@ -128,22 +128,26 @@ _resolved_backend: Optional[str] = None
 
 
 def _check_linear_inputs(x, qweight, w_scale, bias, act_bits, bits, w_zero=None):
-    """Validate a quantized-linear call; return (K, number of groups). Raises TypeError/ValueError."""
+    """Validate a quantized-linear call; return (K, number of groups). Raises TypeError/ValueError.
+    On decode's hot path (a few µs per call matter there): each shape is read once."""
     check_float(x, "x")
     want = torch.int8 if bits == 8 else torch.uint8
     if not isinstance(qweight, torch.Tensor) or qweight.dtype != want:
         got = qweight.dtype if isinstance(qweight, torch.Tensor) else type(qweight).__name__
         raise TypeError(f"{bits}-bit qweight must be a {want} tensor, got {got}")
-    if qweight.dim() != 2:
-        raise ValueError(f"qweight must be 2-D, got shape {tuple(qweight.shape)}")
-    n = qweight.shape[0]
-    k = qweight.shape[1] * (2 if bits == 4 else 1)
-    if x.dim() < 1 or x.shape[-1] != k:
-        raise ValueError(f"x [..., K] must have K={k} for qweight {tuple(qweight.shape)}, got {tuple(x.shape)}")
+    x_shape, w_shape = x.shape, qweight.shape
+    if len(w_shape) != 2:
+        raise ValueError(f"qweight must be 2-D, got shape {tuple(w_shape)}")
+    n, k = w_shape
+    if bits == 4:
+        k *= 2
+    if not x_shape or x_shape[-1] != k:
+        raise ValueError(f"x [..., K] must have K={k} for qweight {tuple(w_shape)}, got {tuple(x_shape)}")
     if not isinstance(w_scale, torch.Tensor) or w_scale.dtype != torch.float32:
         raise TypeError("w_scale must be a float32 tensor")
-    if w_scale.dim() != 2 or w_scale.shape[0] != n or w_scale.shape[1] == 0 or k % w_scale.shape[1]:
-        raise ValueError(f"w_scale must be [N, G] with N={n} and G dividing K={k}, got {tuple(w_scale.shape)}")
+    s_shape = w_scale.shape
+    if len(s_shape) != 2 or s_shape[0] != n or s_shape[1] == 0 or k % s_shape[1]:
+        raise ValueError(f"w_scale must be [N, G] with N={n} and G dividing K={k}, got {tuple(s_shape)}")
     if bias is not None:
         check_float(bias, "bias")
         if tuple(bias.shape) != (n,):
@@ -153,12 +157,15 @@ def _check_linear_inputs(x, qweight, w_scale, bias, act_bits, bits, w_zero=None)
     if w_zero is not None:
         if not isinstance(w_zero, torch.Tensor) or w_zero.dtype != torch.int8:
             raise TypeError("w_zero must be an int8 tensor (zero points in [-8, 7])")
-        if w_zero.shape != w_scale.shape:
-            raise ValueError(f"w_zero must have w_scale's shape {tuple(w_scale.shape)}, got {tuple(w_zero.shape)}")
-    for name, t in (("qweight", qweight), ("w_scale", w_scale), ("bias", bias), ("w_zero", w_zero)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"{name} is on {t.device}, x on {x.device}")
-    return k, w_scale.shape[1]
+        if w_zero.shape != s_shape:
+            raise ValueError(f"w_zero must have w_scale's shape {tuple(s_shape)}, got {tuple(w_zero.shape)}")
+    if not (x.is_cpu and qweight.is_cpu and w_scale.is_cpu and (bias is None or bias.is_cpu)
+            and (w_zero is None or w_zero.is_cpu)):  # else: all on the CPU, no device objects to compare
+        device = x.device
+        for name, t in (("qweight", qweight), ("w_scale", w_scale), ("bias", bias), ("w_zero", w_zero)):
+            if t is not None and t.device != device:
+                raise ValueError(f"{name} is on {t.device}, x on {device}")
+    return k, s_shape[1]
 
 
 # --------------------------------------------------------------------------------------------
@@ -776,9 +783,15 @@ def _has_bf16_dot_instructions() -> bool:
     """True when the CPU multiplies bf16 natively (AVX512-BF16 or AMX): oneDNN's bf16 GEMM is fast.
     False where ``ATEN_CPU_CAPABILITY`` holds torch below AVX-512: colafx's C++ ops are then built
     for that ISA too, and their kernels keep to it."""
-    if torch.backends.cpu.get_cpu_capability() != "AVX512":
-        return False
-    return getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or _has_amx()
+    capability = torch.backends.cpu.get_cpu_capability()
+    has = _BF16_DOT.get(capability)
+    if has is None:  # asked on every W4A16 call: the CPU's answer is kept per capability
+        has = _BF16_DOT[capability] = capability == "AVX512" and bool(
+            getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or _has_amx())
+    return has
+
+
+_BF16_DOT: dict = {}  # ATen CPU capability -> _has_bf16_dot_instructions()
 
 
 def _qlinear_cpu(x, qweight, w_scale, bias, act_bits, bits, w_zero=None):

@@ -470,6 +470,7 @@ def test_bf16_dot_products_are_used_only_where_torch_runs_avx512(monkeypatch, ca
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: bf16, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(qmatmul, "_BF16_DOT", {})  # the answer kept for this CPU
     assert qmatmul._has_bf16_dot_instructions() is expected
 
 
