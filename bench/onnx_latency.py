@@ -116,7 +116,7 @@ def build_variant(base: torch.nn.Module, name: str, rank: float, calibration=Non
     elif name.startswith("int"):
         quantize_for_export(model, name[:4], head="-head" in name, symmetric="-asym" not in name,
                             calibration=calibration if "-gptq" in name else None,
-                            group_size=64 if name.endswith("-g64") else 32)
+                            group_size=64 if name.endswith("-g64") else None)
     return model.eval()
 
 

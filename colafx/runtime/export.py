@@ -25,6 +25,7 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -36,6 +37,7 @@ from colafx.files import atomic_write_json
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 QUANT_OPS = {"int8": "colafx::int8_linear", "int4": "colafx::int4_linear"}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+INT4_GROUP_SIZE = 32  # int4 exports' default columns per scale (MatMulNBits' block; onnxruntime's quantizer default)
 ONNX_OPS = ("contrib", "contrib-vnni", "standard")  # as colafx.kernels.onnx.ONNX_OPS (onnxscript is imported on export only)
 # Attention / RotaryEmbedding / RMSNormalization are ai.onnx operators from opset 23 on; with them
 # the exporter writes one node each, and fuse_attention_cache hands Attention the KV cache.
@@ -512,9 +514,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --quant int4: asymmetric int4, 16 levels over each group's range and a zero "
                              "point per group (onnxruntime's MatMulNBitsQuantizer grid; more accurate, "
                              "MatMulNBits reads the zero points)")
-    parser.add_argument("--group-size", type=int, default=32,
-                        help="with --quant int4: input columns per scale (a power of two >= 16 dividing every "
-                             "linear's d_in); 64 reads ~11%% fewer bytes per token than 32 and decodes faster, "
+    parser.add_argument("--group-size", type=int, default=None,
+                        help=f"with --quant int4: input columns per scale (a power of two >= 16 dividing every "
+                             f"linear's d_in; default {INT4_GROUP_SIZE}); 64 reads ~11%% fewer bytes per token than 32 and decodes faster, "
                              "at some accuracy cost (use it with --gptq)")
     parser.add_argument("--gptq", metavar="TEXT", default=None,
                         help="with --quant: GPTQ weights (each linear's output error minimised on this text: a "
@@ -553,7 +555,7 @@ def run_cli(args: argparse.Namespace) -> int:
         raise ValueError("--asymmetric needs --quant int4")
     if args.gptq and not args.quant:
         raise ValueError("--gptq needs --quant int8 or --quant int4")
-    if args.group_size != 32 and args.quant != "int4":
+    if args.group_size is not None and args.quant != "int4":
         raise ValueError("--group-size needs --quant int4")
     device = resolve_device(args.device)
     model = load_model(args.model).to(device)
@@ -564,7 +566,7 @@ def run_cli(args: argparse.Namespace) -> int:
     if args.quant_head and _is_quantized(model) and not _is_quantized(model.get_output_embeddings()):
         raise ValueError(f"--quant-head: {args.model} is already quantized with a float logits head; "
                          "export it without --quant-head, or start from the float model")
-    for flag, used in (("--asymmetric", args.asymmetric), ("--gptq", args.gptq), ("--group-size", args.group_size != 32)):
+    for flag, used in (("--asymmetric", args.asymmetric), ("--gptq", args.gptq), ("--group-size", args.group_size is not None)):
         if used and _is_quantized(model):
             raise ValueError(f"{flag}: {args.model} is already quantized; start from the float model")
     if args.quant and not _is_quantized(model):
@@ -588,14 +590,14 @@ def _is_quantized(model: nn.Module) -> bool:
 
 
 def quantize_for_export(model: nn.Module, quant: str, head: bool = False, symmetric: bool = True,
-                        calibration=None, group_size: int = 32) -> nn.Module:
+                        calibration=None, group_size: Optional[int] = None) -> nn.Module:
     """Quantize ``model`` in place for a ``quant`` export: int8 = W8A8 per output channel,
     int4 = W4 (per group of ``group_size`` input columns) with 8-bit activations; ``symmetric=False``
     gives int4 a zero point per group (``QuantConfig(symmetric=False)``); ``calibration`` (token ids
     [batch, seq]) picks the levels with GPTQ instead of rounding to nearest. Returns the model.
 
-    ``group_size`` (int4): a power of two ≥ 16 (MatMulNBits' block) dividing every linear's d_in;
-    larger groups store fewer scales, so decoding reads fewer bytes (64 instead of 32: ~11% faster
+    ``group_size`` (int4; None: ``INT4_GROUP_SIZE``, 32): a power of two ≥ 16 (MatMulNBits'
+    block) dividing every linear's d_in; larger groups store fewer scales, so decoding reads fewer bytes (64 instead of 32: ~11% faster
     int4 decode on SmolLM2) at some accuracy cost that GPTQ largely recovers.
 
     ``head=True`` quantizes the logits head too: decoding reads the whole head for every token, so
@@ -603,8 +605,7 @@ def quantize_for_export(model: nn.Module, quant: str, head: bool = False, symmet
     A head tied to the input embedding is untied: the embedding stays float (a row gather).
 
     Raises:
-        ValueError: unknown ``quant``, ``symmetric=False`` or a ``group_size`` other than 32 with
-            int8, a ``group_size`` that is not a power of two ≥ 16, or one that does not divide a
+        ValueError: unknown ``quant``, ``symmetric=False`` or a ``group_size`` with int8, a ``group_size`` that is not a power of two ≥ 16, or one that does not divide a
             linear's d_in (the error names the linear).
     """
     from colafx.kernels.onnx import nbits_block_size
@@ -614,8 +615,9 @@ def quantize_for_export(model: nn.Module, quant: str, head: bool = False, symmet
         raise ValueError(f"unknown quant {quant!r}; choose 'int8' or 'int4'")
     if not symmetric and quant != "int4":
         raise ValueError(f"symmetric=False (zero points) is for int4 exports, got quant={quant!r}")
-    if group_size != 32 and quant != "int4":
+    if group_size is not None and quant != "int4":
         raise ValueError(f"group_size is for int4 exports (int8 is per output channel), got quant={quant!r}")
+    group_size = INT4_GROUP_SIZE if group_size is None else group_size
     if isinstance(group_size, bool) or not isinstance(group_size, int) or nbits_block_size(0, group_size) is None:
         raise ValueError(f"group_size must be a power of two >= 16 (MatMulNBits' block size), got {group_size!r}")
     algorithm = "rtn" if calibration is None else "gptq"

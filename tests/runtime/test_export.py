@@ -418,7 +418,7 @@ def test_cli_group_size_sets_the_matmulnbits_block_and_is_refused_where_it_canno
     """``--group-size 64``: every MatMulNBits has block_size 64 with one scale per 64 input columns, and
     the graph agrees with the PyTorch model quantized with 64-column groups; a group that is not a
     power of two, one that does not divide a linear's d_in (the error names it), int8, and an
-    already-quantized checkpoint are refused with one line."""
+    already-quantized checkpoint are refused with one line, the default 32 too when named."""
     import onnx
 
     colafx.save(presets.build("llama-tiny", seed=0, intermediate_size=192), tmp_path / "ckpt")  # 64 | every d_in
@@ -441,14 +441,20 @@ def test_cli_group_size_sets_the_matmulnbits_block_and_is_refused_where_it_canno
                                atol=3e-2 * np.abs(expected).max(), rtol=0)
     for extra, message in ((["--quant", "int4", "--group-size", "48"], "power of two >= 16"),
                            (["--quant", "int4", "--group-size", "128"], "does not divide d_in 64"),
-                           (["--quant", "int8", "--group-size", "64"], "--group-size needs --quant int4")):
+                           (["--quant", "int8", "--group-size", "64"], "--group-size needs --quant int4"),
+                           (["--quant", "int8", "--group-size", "32"], "--group-size needs --quant int4")):
         assert main(["export", "--model", str(tmp_path / "ckpt"), "--out", str(tmp_path / "x.onnx"), *extra]) == 1
         assert message in capsys.readouterr().err
     colafx.save(reference, tmp_path / "quantized")
     assert main(["export", "--model", str(tmp_path / "quantized"), "--out", str(tmp_path / "y.onnx"),
                  "--quant", "int4", "--group-size", "64"]) == 1
     assert "--group-size" in capsys.readouterr().err
+    assert main(["export", "--model", str(tmp_path / "quantized"), "--out", str(tmp_path / "y.onnx"),
+                 "--quant", "int4", "--group-size", "32"]) == 1  # an explicit default too: it would be ignored
+    assert "--group-size" in capsys.readouterr().err
     assert not (tmp_path / "x.onnx").exists() and not (tmp_path / "y.onnx").exists()
+    with pytest.raises(ValueError, match="group_size is for int4"):
+        quantize_for_export(colafx.load(tmp_path / "ckpt"), "int8", group_size=32)
 
 
 def test_cli_gptq_export_is_calibrated_on_the_given_text(tmp_path, capsys, docs, tokenizer_dir):
