@@ -8,6 +8,7 @@ of K (16..128) instead of per token (measured ≈ 5e-3).
 import contextlib
 import io
 
+import onnxruntime as ort
 import pytest
 import torch
 
@@ -16,8 +17,6 @@ from colafx.kernels.onnx import nbits_block_size, onnx_translation_table
 from colafx.runtime.export import onnxruntime_u8s8_exact
 
 from .conftest import rel_err
-
-ort = pytest.importorskip("onnxruntime")
 
 
 class Block(torch.nn.Module):

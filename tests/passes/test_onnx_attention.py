@@ -15,7 +15,6 @@ from onnx import helper
 from colafx.passes.onnx_attention import fuse_attention_cache
 from colafx.runtime.export import OnnxCausalLM, export_onnx
 
-pytest.importorskip("onnxruntime")
 
 
 def _tiny(model_type: str):

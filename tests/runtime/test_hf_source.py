@@ -3,14 +3,13 @@ files, save_to_disk folders (Dataset and DatasetDict splits), a local dataset fo
 kill-then-resume, and clear errors. Every source must give the tokens the native readers give."""
 import json
 
+import datasets
 import numpy as np
 import pytest
 
 from colafx.runtime import data as D
 from colafx.runtime import hf_source as H
 from colafx.runtime import prepare as PR
-
-datasets = pytest.importorskip("datasets")
 
 
 def _prepare(sources, tokenizer_dir, out, **kw):
