@@ -17,7 +17,8 @@ takes and returns 3-D ``[B, S, N·H]`` tensors, as ``RotaryEmbedding`` does with
 
 and saves per layer per call two cache copies, two head repeats and ~16 small nodes, the same
 numbers up to float summation order (SmolLM2-135M int8 / int4, onnxruntime 1.32 CPU: decode
-19–21% faster, `bench/onnx_latency.py`).
+19–21% faster, `bench/onnx_latency.py`). Exports without a cache get the same minus the cache:
+the head repeats and the head-layout Reshape / Transpose pairs go, q / k / v go in 3-D.
 """
 from __future__ import annotations
 
@@ -61,19 +62,28 @@ class _Graph:
         return node if node is not None and node.op_type == op_type and node.domain in ("", "ai.onnx") else None
 
 
-def _unrepeated_cache(g: _Graph, name: str, attention):
-    """For an Attention key / value input ``name``: ``(concat, dropped nodes)`` when it is
-    ``Concat(past, new)`` along the sequence axis (a graph input and a graph output), optionally
-    repeated for grouped heads by Unsqueeze → Expand → Reshape read by nothing else; else None."""
-    chain, reader = [], attention
+def _unrepeated(g: _Graph, name: str, attention):
+    """For an Attention key / value input ``name``: ``(tensor, reader, dropped nodes)``, where
+    ``tensor`` is what Unsqueeze → Expand → Reshape (a grouped-head repeat read by nothing else)
+    repeats, or ``name`` itself when it is no such repeat; None for a repeat read elsewhere."""
     reshape = g.op(name, "Reshape")
-    if reshape is not None:
-        expand = g.op(reshape.input[0], "Expand")
-        unsqueeze = expand is not None and g.op(expand.input[0], "Unsqueeze")
-        if not unsqueeze or not (g.only_user(name, attention) and g.only_user(reshape.input[0], reshape)
-                                 and g.only_user(expand.input[0], expand)):
-            return None
-        chain, reader, name = [reshape, expand, unsqueeze], unsqueeze, unsqueeze.input[0]
+    if reshape is None:
+        return name, attention, []
+    expand = g.op(reshape.input[0], "Expand")
+    unsqueeze = expand is not None and g.op(expand.input[0], "Unsqueeze")
+    if not unsqueeze or not (g.only_user(name, attention) and g.only_user(reshape.input[0], reshape)
+                             and g.only_user(expand.input[0], expand)):
+        return None
+    return unsqueeze.input[0], unsqueeze, [reshape, expand, unsqueeze]
+
+
+def _unrepeated_cache(g: _Graph, name: str, attention):
+    """``(concat, dropped nodes)`` when the unrepeated ``name`` (:func:`_unrepeated`) is
+    ``Concat(past, new)`` along the sequence axis (a graph input and a graph output); else None."""
+    found = _unrepeated(g, name, attention)
+    if found is None:
+        return None
+    name, reader, chain = found
     concat = g.op(name, "Concat")
     if (concat is None or len(concat.input) != 2 or _attr(concat, "axis") != 2
             or concat.input[0] not in g.inputs or name not in g.outputs
@@ -132,41 +142,50 @@ def fuse_attention_cache(model) -> int:
     """Move each decoder layer's KV-cache concatenation and grouped-head repeat into its ai.onnx
     ``Attention`` node (``past_key`` / ``past_value`` inputs, ``present_*`` outputs), and where q / k
     / v come from head splits (q, k through ``RotaryEmbedding``) and the output goes through the
-    inverse merge, make them 3-D (``q_num_heads`` / ``kv_num_heads``). Attention nodes that do not
-    match are left as they are. Edits the ``onnx.ModelProto`` in place.
+    inverse merge, make them 3-D (``q_num_heads`` / ``kv_num_heads``). Graphs without a cache
+    (``kv_cache=False`` exports) get the same without the cache: no head repeat, 3-D q / k / v.
+    Attention nodes that do not match are left as they are. Edits the ``onnx.ModelProto`` in place.
 
     Returns:
-        the number of Attention nodes that took their cache.
+        the number of Attention nodes rewritten (cache taken, or, without a cache, heads unrepeated
+        and made 3-D).
     """
     graph = model.graph
     g = _Graph(graph)
     dead: list = []
-    fused = []
+    cached, uncached = [], []
     for node in graph.node:
         if (node.op_type != "Attention" or node.domain not in ("", "ai.onnx") or len(node.input) > 4
                 or len(node.output) != 1):
             continue
         key, value = _unrepeated_cache(g, node.input[1], node), _unrepeated_cache(g, node.input[2], node)
-        if key is None or value is None:
+        if key is not None and value is not None:
+            (concat_k, chain_k), (concat_v, chain_v) = key, value
+            inputs = list(node.input) + [""] * (4 - len(node.input))
+            inputs[1], inputs[2] = concat_k.input[1], concat_v.input[1]
+            del node.input[:]
+            node.input.extend([*inputs, concat_k.input[0], concat_v.input[0]])
+            node.output.extend([concat_k.output[0], concat_v.output[0]])
+            dead.extend([concat_k, concat_v, *chain_k, *chain_v])
+            cached.append(node)
             continue
-        (concat_k, chain_k), (concat_v, chain_v) = key, value
-        inputs = list(node.input) + [""] * (4 - len(node.input))
-        inputs[1], inputs[2] = concat_k.input[1], concat_v.input[1]
-        del node.input[:]
-        node.input.extend([*inputs, concat_k.input[0], concat_v.input[0]])
-        node.output.extend([concat_k.output[0], concat_v.output[0]])
-        dead.extend([concat_k, concat_v, *chain_k, *chain_v])
-        fused.append(node)
+        key, value = _unrepeated(g, node.input[1], node), _unrepeated(g, node.input[2], node)
+        if key is not None and value is not None and not g.op(key[0], "Concat") and not g.op(value[0], "Concat"):
+            # no cache: the repeats go (4-D Attention reads grouped kv heads as they are)
+            node.input[1], node.input[2] = key[0], value[0]
+            dead.extend([*key[2], *value[2]])
+            uncached.append((node, bool(key[2] or value[2])))
     for node in dead:
         graph.node.remove(node)
     dead, reshaped = [], set()
     g = _Graph(graph)
-    for node in fused:
+    for node in cached:
         _to_3d(g, node, dead, reshaped)
+    changed = [unrepeated | _to_3d(g, node, dead, reshaped) for node, unrepeated in uncached]
     for node in dead:
         graph.node.remove(node)
     _drop_unused(graph, reshaped)
-    return len(fused)
+    return len(cached) + sum(changed)
 
 
 def _drop_unused(graph, reshaped: set) -> None:

@@ -4,7 +4,8 @@ Each export is checked twice: its graph (every layer's Attention reads the past 
 the present one itself, with 3-D q / k / v and grouped kv heads, and no Concat / Expand / Transpose
 is left around it) and its numbers (prefill and three one-token decode steps in onnxruntime equal
 the PyTorch model to 1e-4, the fp32 tolerance of tests/runtime/test_export.py; left-padded and
-sliding-window masks included).
+sliding-window masks included). Exports without a cache are checked the same way (3-D grouped
+heads, no repeat; prefill equal to PyTorch).
 """
 import numpy as np
 import onnx
@@ -84,6 +85,31 @@ def test_prefill_and_decode_match_pytorch(family_export):
         np.testing.assert_allclose(logits[:, 0], expected, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
+def test_export_without_cache_reads_grouped_heads_in_3d_and_matches_pytorch(tmp_path, model_type):
+    """kv_cache=False: each Attention takes 3-D q / k / v with grouped kv heads (no head repeat,
+    no Transpose left), and the logits of a left-padded batch equal PyTorch's."""
+    model = _tiny(model_type)
+    path = export_onnx(model, tmp_path / "model.onnx", kv_cache=False)
+    graph = onnx.load(str(path)).graph
+    attention = [n for n in graph.node if n.op_type == "Attention"]
+    assert len(attention) == model.config.num_hidden_layers
+    for node in attention:
+        assert len(node.input) == 4 and len(node.output) == 1
+        assert (_attrs(node)["q_num_heads"], _attrs(node)["kv_num_heads"]) == (4, 2)
+    ops = [n.op_type for n in graph.node]
+    assert "Expand" not in ops[ops.index("Attention"):] and "Transpose" not in ops
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    logits, present = OnnxCausalLM(path).forward(ids, attention_mask=mask)
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits.numpy()
+    assert present is None
+    np.testing.assert_allclose(logits[0], expected[0], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(logits[1, 3:], expected[1, 3:], atol=1e-4, rtol=0)
+
+
 def test_opset_20_export_has_no_attention_op_and_still_matches(tmp_path):
     model = _tiny("llama")
     path = export_onnx(model, tmp_path / "model.onnx", opset=20)
@@ -122,6 +148,37 @@ def test_a_cache_read_by_another_node_is_left_unfused():
     (node,) = model.graph.node
     assert list(node.input) == ["q", "k", "v", "", "past_key", "past_value"]
     assert list(node.output) == ["y", "present_key", "present_value"]
+
+
+def test_without_a_cache_the_head_repeat_goes_and_a_repeat_read_elsewhere_stays():
+    """No Concat: Unsqueeze -> Expand -> Reshape (the grouped-head repeat) is dropped from k and v; a
+    repeat that another node also reads is kept, and the node is not counted."""
+    f = onnx.TensorProto.FLOAT
+
+    def graph(extra_reader):
+        nodes, outputs = [], ["y"]
+        for t in ("k", "v"):
+            nodes += [helper.make_node("Unsqueeze", [t, "axes"], [f"{t}_u"]),
+                      helper.make_node("Expand", [f"{t}_u", "shape5"], [f"{t}_e"]),
+                      helper.make_node("Reshape", [f"{t}_e", "shape4"], [f"{t}_r"])]
+        nodes.append(helper.make_node("Attention", ["q", "k_r", "v_r"], ["y"]))
+        if extra_reader:
+            nodes.append(helper.make_node("Identity", ["k_r"], ["seen"]))
+            outputs.append("seen")
+        inits = [helper.make_tensor("axes", onnx.TensorProto.INT64, [1], [2]),
+                 helper.make_tensor("shape5", onnx.TensorProto.INT64, [5], [1, 2, 2, 3, 8]),
+                 helper.make_tensor("shape4", onnx.TensorProto.INT64, [4], [1, 4, 3, 8])]
+        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, f, None) for n in "qkv"],
+                              [helper.make_tensor_value_info(n, f, None) for n in outputs], inits)
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 23)])
+
+    model = graph(extra_reader=False)
+    assert fuse_attention_cache(model) == 1
+    (node,) = model.graph.node
+    assert list(node.input) == ["q", "k", "v"] and not model.graph.initializer
+    model = graph(extra_reader=True)
+    assert fuse_attention_cache(model) == 0
+    assert [n.op_type for n in model.graph.node].count("Expand") == 2
 
 
 def test_an_onnxruntime_without_opset_23_is_a_clear_error(family_export, monkeypatch):
