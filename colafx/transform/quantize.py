@@ -15,6 +15,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from colafx.kernels.qmatmul import int4_linear, int8_linear
 from colafx.transform.io import register_transform
 
 FilterFn = Callable[[nn.Module, str], bool]
@@ -125,14 +126,16 @@ class QuantLinear(nn.Module):
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from colafx.kernels.qmatmul import int4_linear, int8_linear
-
-        scale = self.scale.float()
-        bias = None if self.bias is None else self.bias.to(x.dtype)
+        buffers = self._buffers  # read once: each buffer attribute is an nn.Module.__getattr__ lookup (decode's hot path)
+        scale, bias = buffers["scale"], buffers["bias"]
+        if scale.dtype != torch.float32:  # a model moved to another float type moved its scales too
+            scale = scale.float()
+        if bias is not None and bias.dtype != x.dtype:
+            bias = bias.to(x.dtype)
         if self.bits == 8:
-            return int8_linear(x, self.qweight, scale, bias, act_bits=self.act_bits)
-        return int4_linear(x, self.qweight, scale, bias, group_size=self.group_size, act_bits=self.act_bits,
-                           w_zero=self.zero)
+            return int8_linear(x, buffers["qweight"], scale, bias, act_bits=self.act_bits)
+        return int4_linear(x, buffers["qweight"], scale, bias, group_size=self.group_size, act_bits=self.act_bits,
+                           w_zero=buffers["zero"])
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float [d_out, d_in] weight this module represents."""
