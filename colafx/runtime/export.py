@@ -516,8 +516,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "MatMulNBits reads the zero points)")
     parser.add_argument("--group-size", type=int, default=None,
                         help=f"with --quant int4: input columns per scale (a power of two >= 16 dividing every "
-                             f"linear's d_in; default {INT4_GROUP_SIZE}); 64 reads ~11%% fewer bytes per token than 32 and decodes faster, "
-                             "at some accuracy cost (use it with --gptq)")
+                             f"linear's d_in; default {INT4_GROUP_SIZE}); 64 reads ~11%% fewer bytes per token "
+                             "than 32 and decodes faster, at some accuracy cost (use it with --gptq)")
     parser.add_argument("--gptq", metavar="TEXT", default=None,
                         help="with --quant: GPTQ weights (each linear's output error minimised on this text: a "
                              "file, folder or hf: source; no network unless it names a hub dataset) instead of "
@@ -566,7 +566,8 @@ def run_cli(args: argparse.Namespace) -> int:
     if args.quant_head and _is_quantized(model) and not _is_quantized(model.get_output_embeddings()):
         raise ValueError(f"--quant-head: {args.model} is already quantized with a float logits head; "
                          "export it without --quant-head, or start from the float model")
-    for flag, used in (("--asymmetric", args.asymmetric), ("--gptq", args.gptq), ("--group-size", args.group_size is not None)):
+    for flag, used in (("--asymmetric", args.asymmetric), ("--gptq", args.gptq),
+                       ("--group-size", args.group_size is not None)):
         if used and _is_quantized(model):
             raise ValueError(f"{flag}: {args.model} is already quantized; start from the float model")
     if args.quant and not _is_quantized(model):
@@ -597,16 +598,18 @@ def quantize_for_export(model: nn.Module, quant: str, head: bool = False, symmet
     [batch, seq]) picks the levels with GPTQ instead of rounding to nearest. Returns the model.
 
     ``group_size`` (int4; None: ``INT4_GROUP_SIZE``, 32): a power of two ≥ 16 (MatMulNBits'
-    block) dividing every linear's d_in; larger groups store fewer scales, so decoding reads fewer bytes (64 instead of 32: ~11% faster
-    int4 decode on SmolLM2) at some accuracy cost that GPTQ largely recovers.
+    block) dividing every linear's d_in; larger groups store fewer scales, so decoding reads fewer
+    bytes (64 instead of 32: ~11% faster int4 decode on SmolLM2) at some accuracy cost that GPTQ
+    largely recovers.
 
     ``head=True`` quantizes the logits head too: decoding reads the whole head for every token, so
     for small models with large vocabularies (SmolLM2: 49152 x 576) it is the largest single read.
     A head tied to the input embedding is untied: the embedding stays float (a row gather).
 
     Raises:
-        ValueError: unknown ``quant``, ``symmetric=False`` or a ``group_size`` with int8, a ``group_size`` that is not a power of two ≥ 16, or one that does not divide a
-            linear's d_in (the error names the linear).
+        ValueError: unknown ``quant``, ``symmetric=False`` or a ``group_size`` with int8, a
+            ``group_size`` that is not a power of two ≥ 16, or one that does not divide a linear's
+            d_in (the error names the linear).
     """
     from colafx.kernels.onnx import nbits_block_size
     from colafx.transform.quantize import QuantConfig, quantize_

@@ -126,7 +126,7 @@ class QuantLinear(nn.Module):
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        buffers = self._buffers  # read once: each buffer attribute is an nn.Module.__getattr__ lookup (decode's hot path)
+        buffers = self._buffers  # each buffer attribute is an nn.Module.__getattr__ lookup: decode's hot path
         scale, bias = buffers["scale"], buffers["bias"]
         if scale.dtype != torch.float32:  # a model moved to another float type moved its scales too
             scale = scale.float()
