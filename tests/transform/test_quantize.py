@@ -35,6 +35,27 @@ def test_weight_only_module_matches_dequantized_linear():
     assert ((q.dequantized_weight() - lin.weight).abs() <= step / 2 + 1e-6).all()
 
 
+@pytest.mark.parametrize("bits, act_bits, group", [(8, 8, None), (4, 16, 16)])
+def test_a_model_cast_to_bf16_or_fp16_keeps_its_scales_fp32_and_its_quantized_weights(bits, act_bits, group):
+    """``.to(bf16)`` / ``.half()`` cast the bias and leave the scales fp32, bit for bit, so the
+    quantized weights are not rounded; the bf16 module then equals the fp32 one up to bf16
+    rounding of x and the output, and ``.float()`` gives back the same quantized weight."""
+    lin = nn.Linear(64, 24, bias=True)
+    q = QuantLinear.from_linear(lin, QuantConfig(weight_bits=bits, act_bits=act_bits, group_size=group))
+    scale, weight = q.scale.clone(), q.dequantized_weight()
+    x = torch.randn(5, 64).bfloat16()
+    expected = q(x.float())
+    for cast, dtype in ((lambda m: m.to(torch.bfloat16), torch.bfloat16), (lambda m: m.half(), torch.float16)):
+        cast(q)
+        assert q.scale.dtype == torch.float32 and torch.equal(q.scale, scale) and q.bias.dtype == dtype
+        assert torch.equal(q.dequantized_weight(), weight)
+    q.to(torch.bfloat16)
+    torch.testing.assert_close(q(x).float(), expected, rtol=0.05, atol=0.05 * expected.abs().max().item())
+    q.float()  # the bias went through bf16 (as nn.Linear's would); the quantized weight did not
+    assert torch.equal(q.scale, scale) and torch.equal(q.dequantized_weight(), weight)
+    torch.testing.assert_close(q(x.float()), expected, rtol=0, atol=lin.bias.abs().max().item() * 2**-8)
+
+
 def test_storage_is_small(tiny_model):
     fp32 = {n: m.weight.numel() * 4 for n, m in tiny_model.named_modules()
             if type(m) is nn.Linear and n != "lm_head"}
