@@ -77,19 +77,15 @@ def _unrepeated(g: _Graph, name: str, attention):
     return unsqueeze.input[0], unsqueeze, [reshape, expand, unsqueeze]
 
 
-def _unrepeated_cache(g: _Graph, name: str, attention):
-    """``(concat, dropped nodes)`` when the unrepeated ``name`` (:func:`_unrepeated`) is
-    ``Concat(past, new)`` along the sequence axis (a graph input and a graph output); else None."""
-    found = _unrepeated(g, name, attention)
-    if found is None:
-        return None
-    name, reader, chain = found
+def _cache_concat(g: _Graph, name: str, reader):
+    """The ``Concat(past, new)`` along the sequence axis (a graph input and a graph output, read by
+    ``reader`` alone) that writes the unrepeated key / value ``name``, or None."""
     concat = g.op(name, "Concat")
     if (concat is None or len(concat.input) != 2 or _attr(concat, "axis") != 2
             or concat.input[0] not in g.inputs or name not in g.outputs
             or [n for n in g.consumers.get(name, []) if n is not reader]):
         return None
-    return concat, chain
+    return concat
 
 
 def _split_heads(g: _Graph, name: str, reader):
@@ -158,9 +154,12 @@ def fuse_attention_cache(model) -> int:
         if (node.op_type != "Attention" or node.domain not in ("", "ai.onnx") or len(node.input) > 4
                 or len(node.output) != 1):
             continue
-        key, value = _unrepeated_cache(g, node.input[1], node), _unrepeated_cache(g, node.input[2], node)
-        if key is not None and value is not None:
-            (concat_k, chain_k), (concat_v, chain_v) = key, value
+        key, value = _unrepeated(g, node.input[1], node), _unrepeated(g, node.input[2], node)
+        if key is None or value is None:
+            continue
+        (key_name, key_reader, chain_k), (value_name, value_reader, chain_v) = key, value
+        concat_k, concat_v = _cache_concat(g, key_name, key_reader), _cache_concat(g, value_name, value_reader)
+        if concat_k is not None and concat_v is not None:
             inputs = list(node.input) + [""] * (4 - len(node.input))
             inputs[1], inputs[2] = concat_k.input[1], concat_v.input[1]
             del node.input[:]
@@ -168,13 +167,11 @@ def fuse_attention_cache(model) -> int:
             node.output.extend([concat_k.output[0], concat_v.output[0]])
             dead.extend([concat_k, concat_v, *chain_k, *chain_v])
             cached.append(node)
-            continue
-        key, value = _unrepeated(g, node.input[1], node), _unrepeated(g, node.input[2], node)
-        if key is not None and value is not None and not g.op(key[0], "Concat") and not g.op(value[0], "Concat"):
+        elif not g.op(key_name, "Concat") and not g.op(value_name, "Concat"):
             # no cache: the repeats go (4-D Attention reads grouped kv heads as they are)
-            node.input[1], node.input[2] = key[0], value[0]
-            dead.extend([*key[2], *value[2]])
-            uncached.append((node, bool(key[2] or value[2])))
+            node.input[1], node.input[2] = key_name, value_name
+            dead.extend([*chain_k, *chain_v])
+            uncached.append((node, bool(chain_k or chain_v)))
     for node in dead:
         graph.node.remove(node)
     dead, reshaped = [], set()

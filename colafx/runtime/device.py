@@ -101,12 +101,19 @@ def cpu_features() -> list[str]:
     """The SIMD features that decide the CPU kernels' speed: avx2, avx512f, avx512_vnni / avx_vnni,
     avx512_bf16, amx_tile, amx_int8 (from ``/proc/cpuinfo``; empty where it cannot be read)."""
     wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
+    flags = _cpuinfo().get("flags", "").split()
+    return [w for w in wanted if w in flags]
+
+
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields of ``/proc/cpuinfo`` (stripped), or {} where it cannot be read."""
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+            block = f.read().split("\n\n")[0]
     except OSError:
-        return []
-    return [w for w in wanted if w in flags]
+        return {}
+    pairs = (line.split(":", 1) for line in block.splitlines() if ":" in line)
+    return {key.strip(): value.strip() for key, value in pairs}
 
 
 ISA_LIMIT_VARS = ("ATEN_CPU_CAPABILITY", "FBGEMM_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
@@ -142,12 +149,9 @@ def environment(device: torch.device, dtype: str | None = None) -> dict:
 def _cpu_model() -> str:
     """The CPU's model name with its CPUID family and model (names such as "AMD EPYC" do not tell
     the generation apart: family 25 model 17 is a Zen 4, family 26 a Zen 5)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            fields = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines() if ":" in line)
-    except OSError:
+    fields = _cpuinfo()
+    if not fields:
         return platform.processor() or "cpu"
-    fields = {k.strip(): v.strip() for k, v in fields.items()}
     name = fields.get("model name", "cpu")
     if "cpu family" in fields and "model" in fields:
         name += f" (family {fields['cpu family']}, model {fields['model']})"
