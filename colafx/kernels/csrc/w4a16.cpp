@@ -31,6 +31,9 @@ namespace {
 // V: W fp32 lanes. unpack(): W weight bytes -> the dequantized low and high nibbles.
 #if defined(__AVX512F__)
 constexpr int W = 16, MB = 8;  // MB: tokens per register block (MB accumulators + 4 working registers)
+// rows of the weight per pass over a block of T tokens: R·T accumulators + 2R unpacked + 2 x in 32 registers
+template <int T>
+constexpr int rows_per_pass() { return T >= MB ? 2 : 4; }
 using V = __m512;
 inline V vzero() { return _mm512_setzero_ps(); }
 inline V vset(float s) { return _mm512_set1_ps(s); }
@@ -55,7 +58,11 @@ inline void unpack(const uint8_t* p, Tab tab, V& lo, V& hi) {
   hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), tab);
 }
 #elif defined(__AVX2__)
-constexpr int W = 8, MB = 4;
+constexpr int W = 8, MB = 8;
+// rows per pass over T tokens: R·T accumulators + 2R unpacked + 2 x within 16 registers. One row
+// and 8 tokens: each unpacked weight (2 FP ops per 8) serves 8 tokens, where 2 rows x 4 tokens gave 4
+template <int T>
+constexpr int rows_per_pass() { return T >= 5 ? 1 : T >= 3 ? 2 : T == 2 ? 3 : 4; }
 using V = __m256;
 inline V vzero() { return _mm256_setzero_ps(); }
 inline V vset(float s) { return _mm256_set1_ps(s); }
@@ -82,6 +89,8 @@ template <bool Z>
 inline void unpack_codes(const uint8_t* p, const Tab& t, V& lo, V& hi) { colafx::codes8(p, t.c, lo, hi); }
 #else
 constexpr int W = 1, MB = 4;
+template <int T>
+constexpr int rows_per_pass() { return T >= MB ? 2 : 4; }
 using V = float;
 inline V vzero() { return 0.f; }
 inline V vset(float s) { return s; }
@@ -152,7 +161,7 @@ void rows(const float* xr, const uint8_t* w, const float* scales, const float* c
 template <int T, bool Z>
 void block(const float* xr, const uint8_t* w, const float* scales, const float* centres, float* acc, int64_t n0, int64_t n1, int64_t k0,
            int64_t k1, int64_t k, int64_t groups, int64_t n_total) {
-  constexpr int R = T >= MB ? 2 : 4;
+  constexpr int R = rows_per_pass<T>();
   int64_t n = n0;
   for (; n + R <= n1; n += R) rows<T, R, Z>(xr, w, scales, centres, acc, n, k0, k1, k, groups, n_total);
   for (; n < n1; ++n) rows<T, 1, Z>(xr, w, scales, centres, acc, n, k0, k1, k, groups, n_total);
