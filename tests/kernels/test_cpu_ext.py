@@ -345,8 +345,9 @@ def test_builds_for_narrower_vector_units_are_bit_identical_too(monkeypatch, cap
                 _check_dequant(*case, dtype, symmetric)
         for dtype in (torch.float32, torch.float16):  # the W4A16 kernel's fp32 FMAs, at this width
             # token counts that reach every block size of the AVX2 kernel (1-8 tokens a block)
-            for m, n, k, group_size in [(1, 33, 64, 32), (2, 40, 64, 32), (3, 17, 128, 32), (7, 24, 64, None),
-                                        (9, 48, 96, None), (5, 130, 576, 64), (31, 20, 128, 32)]:
+            for m, n, k, group_size in [(1, 33, 64, 32), (2, 40, 64, 32), (3, 17, 128, 32), (4, 19, 64, 32),
+                                        (6, 24, 64, None), (7, 24, 64, None), (9, 48, 96, None),
+                                        (5, 130, 576, 64), (31, 20, 128, 32)]:
                 x, qw, b = _w4a16_case(m, n, k, group_size, dtype, symmetric=symmetric)
                 out = cpu_ext.w4a16_linear(x, qw.qweight, qw.scale, b, True, qw.zero)
                 assert rel_err(out, _w4a16_expected(x, qw, b)) <= W4A16_TOL[dtype], (capability, dtype, m, n, k)
