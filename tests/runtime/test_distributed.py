@@ -45,8 +45,9 @@ def _torchrun(root, out, *extra):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "colafx.cli", "pretrain", *ARGS, "--data", str(root / "data"), "--tokenizer", str(root / "tok"),
            "--batch-size", "2", "--out", str(out), *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                          timeout=300)
+    # TMPDIR: torchrun's log folder (torchelastic_*) goes under the test's folder, not /tmp, where it stays
+    proc = subprocess.run(cmd, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(root)}, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
