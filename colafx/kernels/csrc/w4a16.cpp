@@ -31,7 +31,7 @@ namespace {
 // V: W fp32 lanes. unpack(): W weight bytes -> the dequantized low and high nibbles.
 #if defined(__AVX512F__)
 constexpr int W = 16, MB = 8;  // MB: tokens per register block (MB accumulators + 4 working registers)
-// rows of the weight per pass over a block of T tokens: R·T accumulators + 2R unpacked + 2 x in 32 registers
+// rows of the weight per pass over a block of T tokens (R·T accumulators, 2R unpacked weights, 2 x)
 template <int T>
 constexpr int rows_per_pass() { return T >= MB ? 2 : 4; }
 using V = __m512;
