@@ -139,7 +139,7 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         buffers = self._buffers  # each buffer attribute is an nn.Module.__getattr__ lookup: decode's hot path
         scale, bias = buffers["scale"], buffers["bias"]
-        if scale.dtype != torch.float32:  # a model moved to another float type moved its scales too
+        if scale.dtype != torch.float32:  # a scale assigned in another dtype (casts keep it fp32: _apply)
             scale = scale.float()
         if bias is not None and bias.dtype != x.dtype:
             bias = bias.to(x.dtype)

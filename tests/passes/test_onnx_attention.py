@@ -17,7 +17,6 @@ from colafx.passes.onnx_attention import fuse_attention_cache
 from colafx.runtime.export import OnnxCausalLM, export_onnx
 
 
-
 def _tiny(model_type: str):
     import transformers
 
